@@ -83,15 +83,27 @@ class GPTConfig:
 
 @dataclass
 class StemRows:
-    """The STEM rows one forward pass reads: position (b, t) uses rows[inverse[b, t]].
+    """The STEM rows one forward pass reads: position (b, t) of STEM layer l reads E_l[inverse[b, t]].
 
-    By default rows is the whole table and inverse is the token ids themselves (E[t], plainly). The sparse
-    trainer passes only the batch's distinct rows (rows = table[ids], inverse = where each id went), the
-    CPU offload passes rows it copied from host memory, and knowledge editing passes other tokens' rows.
+    By default rows is the whole stacked table and inverse is the token ids themselves: E[t], plainly. The
+    sparse trainer passes only the batch's distinct rows (rows = table[ids], inverse = where each id went),
+    the CPU offload rows it copied from host memory, and knowledge editing other tokens' rows.
     """
-    rows: torch.Tensor  # [R, n_stem_layers * d_ff]
+    rows: torch.Tensor  # [R, n_stem_layers * d_ff]: row r holds its token's rows for every STEM layer
     inverse: torch.Tensor  # [B, T] int64 indices into rows
     ids: Optional[torch.Tensor] = None  # [R] token id of each row; None when rows is the whole table
+    layers: tuple = ()  # rows split into each STEM layer's [R, d_ff] block (GPT.forward fills it)
+    fused: bool = False  # read the rows with the Triton kernel (GPT.forward decides, from GPT.stem_kernel)
+
+
+def check_ids(idx, vocab_size):
+    """Bad ids would otherwise surface as an IndexError deep inside, or a device-side assert on a GPU. It reads
+    the ids on the host, so callers check batches where they enter (get_batch, generate), not every forward."""
+    if idx.numel():
+        lo, hi = (int(v) for v in torch.aminmax(idx))
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"token id {lo if lo < 0 else hi} is out of range for vocab_size {vocab_size}: ids "
+                             f"must be in [0, {vocab_size}); was the data tokenized with another tokenizer?")
 
 
 class RMSNorm(nn.Module):
@@ -217,30 +229,29 @@ class MoE(nn.Module):
 
 
 class STEM(nn.Module):
-    """y = W_down(SiLU(W_gate x) * E_l[t]): the up-projection is replaced by this layer's table row for the
-    input token t. The rows arrive from GPT.forward (the table itself is GPT.stem_table, all layers side
-    by side). Two ablations from the paper share the class:
+    """y = W_down(SiLU(W_gate x) * E_l[t]): the up-projection W_up x is replaced by this layer's table row for
+    the input token t. The rows arrive in a StemRows (the tables themselves are GPT.stem_table, all STEM
+    layers side by side). Two ablations from the paper share the class:
       stem_dagger: up = W_up x + E_l[t]          stem_gate: y = W_down(SiLU(E_l[t]) * W_up x)"""
 
-    def __init__(self, config, variant):
+    def __init__(self, config, slot):
         super().__init__()
-        self.variant = variant
-        if variant != "stem_gate":
+        self.variant, self.slot = config.ffn, slot  # slot: this layer's column block of GPT.stem_table
+        if self.variant != "stem_gate":
             self.w_gate = nn.Linear(config.n_embd, config.d_ff, bias=False)
-        if variant != "stem":
+        if self.variant != "stem":
             self.w_up = nn.Linear(config.n_embd, config.d_ff, bias=False)
         self.w_down = nn.Linear(config.d_ff, config.n_embd, bias=False)
 
-    def forward(self, x, rows, inverse, kernel="auto", segments=None):
-        # rows: [R, d_ff] this layer's rows; inverse: [B, T] which row each position uses.
-        if self.variant == "stem":
-            # silu(W_gate x) * rows[inverse], fused so the [B, T, d_ff] gathered rows are never built
-            h = stem_ops.silu_mul_rows(self.w_gate(x), rows, inverse, kernel, segments)
-        elif self.variant == "stem_dagger":
-            h = F.silu(self.w_gate(x)) * (self.w_up(x) + F.embedding(inverse, rows))
-        else:
-            h = F.silu(F.embedding(inverse, rows)) * self.w_up(x)
-        return self.w_down(h)
+    def forward(self, x, stem):
+        E, t = stem.layers[self.slot], stem.inverse  # this layer's table (or the batch's rows), row per position
+        if self.variant == "stem_dagger":
+            return self.w_down(F.silu(self.w_gate(x)) * (self.w_up(x) + F.embedding(t, E)))
+        if self.variant == "stem_gate":
+            return self.w_down(F.silu(F.embedding(t, E)) * self.w_up(x))
+        if stem.fused:  # the same formula as one Triton kernel that reads E's rows in place (stem_ops.py)
+            return self.w_down(stem_ops.silu_mul_rows(self.w_gate(x), E, t))
+        return self.w_down(F.silu(self.w_gate(x)) * F.embedding(t, E))  # F.embedding(t, E) is E[t]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -252,10 +263,8 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.attn = Attention(config, layer)
         self.ffn_norm = RMSNorm(config.n_embd, config.norm_eps)
-        # stem_slot: this layer's column block in GPT.stem_table (None for a non-STEM layer)
-        self.stem_slot = config.stem_layers.index(layer) if layer in config.stem_layers else None
-        if self.stem_slot is not None:
-            self.ffn = STEM(config, config.ffn)
+        if layer in config.stem_layers:
+            self.ffn = STEM(config, slot=config.stem_layers.index(layer))
         elif config.ffn == "moe":
             self.ffn = MoE(config)
         else:
@@ -264,9 +273,8 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, kv_cache=None, stem=None):
         x = x + F.dropout(self.attn(self.attn_norm(x), cos, sin, kv_cache), self.dropout, self.training)
         h, aux = self.ffn_norm(x), None
-        if self.stem_slot is not None:
-            layer_rows, inverse, kernel, segments = stem
-            h = self.ffn(h, layer_rows[self.stem_slot], inverse, kernel, segments)
+        if isinstance(self.ffn, STEM):
+            h = self.ffn(h, stem)
         elif isinstance(self.ffn, MoE):
             h, aux = self.ffn(h)
         else:
@@ -319,41 +327,25 @@ class GPT(nn.Module):
         finally:
             self._parameters["stem_table"] = table
 
-    def check_input(self, idx):
-        """Bad ids would otherwise surface as an IndexError deep inside, or a device-side assert on GPU."""
-        if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"idx must be a [batch, time] integer tensor, got {tuple(idx.shape)} {idx.dtype}")
-        if idx.numel():
-            lo, hi = (int(v) for v in torch.aminmax(idx))
-            if lo < 0 or hi >= self.config.vocab_size:
-                bad = lo if lo < 0 else hi
-                raise ValueError(f"token id {bad} is out of range for vocab_size {self.config.vocab_size}: "
-                                 f"ids must be in [0, {self.config.vocab_size}); was the data tokenized with "
-                                 f"another tokenizer?")
-
     def forward(self, idx, targets=None, stem_rows=None, kv_cache=None, return_aux=False, last_only=False):
         """Returns (logits, loss), or (logits, loss, aux_loss) with return_aux. loss is the plain next-token
         cross-entropy (comparable across FFN types); aux_loss is the weighted MoE balance + z-loss (0 else),
         for the trainer to add. stem_rows overrides which table rows the STEM layers read (see StemRows)."""
-        if stem_rows is None and self.stem_table is not None and self.stem_table.device != idx.device:
-            raise ValueError("the STEM table is in host memory (stem_offload): pass stem_rows from "
-                             "stem_offload.py, or move the model with stem_table_on_host=False")
-        self.check_input(idx)
         B, T = idx.shape
         pos = kv_cache.pos if kv_cache is not None else 0
         if pos + T > self.config.block_size:
             raise ValueError(f"sequence length {pos + T} exceeds block_size {self.config.block_size}")
+        if idx.device.type == "cpu" and not torch.compiler.is_compiling():
+            check_ids(idx, self.config.vocab_size)  # free on a CPU; elsewhere batches are checked where they enter
         stem = None
         if self.stem_table is not None:
-            if stem_rows is None:
-                stem_rows = StemRows(self.stem_table, idx)  # E[t]: the whole table, indexed by the token ids
-            kernel = stem_ops.resolve_kernel(self.stem_kernel, stem_rows.rows.device)
-            # split once so the backward assembles one gradient for the rows, not one per layer
-            layer_rows = stem_rows.rows.split(self.config.d_ff, dim=1)
-            # rows' positions in sorted order, for the backward's per-row sums: the same for every layer
-            segments = stem_ops.row_segments(stem_rows.inverse, stem_rows.rows.size(0)) \
-                if torch.is_grad_enabled() and stem_rows.rows.requires_grad else None
-            stem = (layer_rows, stem_rows.inverse, kernel, segments)
+            if stem_rows is None and self.stem_table.device != idx.device:
+                raise ValueError("the STEM table is in host memory (stem_offload): pass stem_rows from "
+                                 "stem_offload.py, or move the model with stem_table_on_host=False")
+            stem = stem_rows if stem_rows is not None else StemRows(self.stem_table, idx)  # E[t], plainly
+            # split once, so the backward assembles one gradient for the stacked rows, not one per layer
+            stem = StemRows(stem.rows, stem.inverse, stem.ids, layers=stem.rows.split(self.config.d_ff, dim=1),
+                            fused=stem_ops.use_triton(self.stem_kernel, stem.rows.device))
         cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
         x = self.drop(self.wte(idx))
         aux_loss = torch.zeros((), device=idx.device)
@@ -440,8 +432,8 @@ class GPT(nn.Module):
                   {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0}]
         if self.stem_table is not None and include_stem_table:
             groups.append({"params": [self.stem_table], "weight_decay": stem_weight_decay, "lr_mult": stem_lr_mult})
-        fused = device_type == "cuda"
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+        # the fused AdamW (one kernel over all tensors) exists for CPU and CUDA
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cpu", "cuda"))
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, stem_rows_fn=None):
@@ -452,7 +444,7 @@ class GPT(nn.Module):
         positions start.. of tokens (CPU offload, knowledge editing); by default they come from the table."""
         if max_new_tokens > 0 and idx.size(1) == 0:
             raise ValueError("generate needs a prompt of at least one token")
-        self.check_input(idx)
+        check_ids(idx, self.config.vocab_size)
         bs = self.config.block_size
         cache = KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype) if use_cache else None
         for _ in range(max_new_tokens):

@@ -9,7 +9,7 @@ Every document is followed by <|endoftext|> (id 50256), so a training window tha
 document boundary sees the separator GPT-2 was trained with. Text is encoded with
 encode_ordinary, so a literal "<|endoftext|>" inside a document stays plain text.
 
-Usage:
+Usage (settings are --key=value or a config/*.py file, see --help):
     python prepare.py                                # Shakespeare -> data/shakespeare
     python prepare.py --input=notes.txt              # one file    -> data/notes
     python prepare.py --input=corpus/ --name=mine    # every *.txt directly in corpus/, one doc each
@@ -30,7 +30,6 @@ Split rule (deterministic, whole documents, so no text is in both train and val)
 Files must be UTF-8. Empty (whitespace-only) files are skipped.
 """
 
-import argparse
 import importlib.util
 import json
 import os
@@ -42,13 +41,24 @@ import numpy as np
 import tiktoken
 from tqdm import tqdm
 
+from configurator import defaults_of, parse, run_main
+
+# -----------------------------------------------------------------------------
+# settings (--key=value); `input` is the command-line name, prepare() calls it input_path
+input = None  # a .txt file or a folder of .txt files; None: the complete works of Shakespeare
+name = None  # dataset name, the folder under out_dir; None: the input's file or folder name
+out_dir = "data"  # the dataset goes to out_dir/name/
+val_fraction = 0.1  # share of the text held out for val (whole documents when there are several)
+# -----------------------------------------------------------------------------
+SETTINGS = defaults_of(globals())  # before the constants below, which are not settings
+
 GPT2_BPE_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 EOT = 50256  # <|endoftext|>
 VOCAB_SIZE = 50257
 
 
-class PrepareError(RuntimeError):
-    """A problem with the input or the install; main() prints it as one line, no traceback."""
+class PrepareError(ValueError):
+    """A problem with the input or the install; the command line prints it as one line, no traceback."""
 
 
 # -----------------------------------------------------------------------------
@@ -277,23 +287,13 @@ def prepare(input_path=None, name=None, out_root="data", val_fraction=0.1):
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Tokenize text with GPT-2 BPE into data/<name>/{train,val}.bin and meta.json.",
-        allow_abbrev=False,  # refuse misspelled flags instead of guessing
-    )
-    parser.add_argument("--input", default=None,
-                        help="a .txt file or a folder of .txt files (default: the works of Shakespeare)")
-    parser.add_argument("--name", default=None, help="dataset name, the output folder (default: the input's stem)")
-    parser.add_argument("--out_dir", default="data", help="root folder for the output (default: data)")
-    parser.add_argument("--val_fraction", type=float, default=0.1, help="share of text held out for val (default: 0.1)")
-    args = parser.parse_args(argv)
+    s, _ = parse(sys.argv[1:] if argv is None else argv, SETTINGS, {"input": str, "name": str},
+                 __file__, __doc__)
     try:
-        prepare(args.input, args.name, args.out_dir, args.val_fraction)
-    except (PrepareError, OSError) as e:
-        msg = " ".join(str(e).split())  # one line, whatever the message
-        print(f"prepare.py: error: {msg}", file=sys.stderr)
-        sys.exit(1)
+        prepare(s["input"], s["name"], s["out_dir"], s["val_fraction"])
+    except OSError as e:  # e.g. out_dir is not writable: one line as well
+        raise PrepareError(str(e)) from e
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "prepare.py")

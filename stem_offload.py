@@ -1,27 +1,29 @@
 """
 STEM tables in host memory, with the rows each step needs copied to the device ahead of time.
 
-The table ([vocab, n_stem_layers * d_ff], one token's rows for every layer contiguous) and its row-wise AdamW
-state stay in host memory (pinned when CUDA is present). This works because the token ids are the routing:
+The table ([vocab, n_stem_layers * d_ff], a token's rows for every layer contiguous) and its row-wise AdamW
+state stay in host memory, page-locked when CUDA is present. This works because the token ids are the routing:
 the rows a batch needs are known as soon as the batch is, before its forward starts.
 
-Training (OffloadedStemTable, the same interface as stem_sparse.SparseRowAdamW):
-    prefetch(X)   worker thread: dedup X's ids, gather their rows into a pinned staging buffer, copy to the
-                  device with non_blocking copies on a dedicated CUDA stream, record an event
-    lookup(X)     the compute stream waits on that event; rows arrive as a leaf that requires grad
-    backward      leaves a compact [n_unique, width] gradient on the device
-    step(lr)      copies the gradient to host memory and queues the row-wise AdamW update of the host table
-                  on the same worker thread
+OffloadedRowAdamW is stem_sparse.SparseRowAdamW with the table on the host: accumulate, sync, clipping and the
+update arithmetic are the parent's. What changes is where rows come from and when the update runs. One
+worker thread does every read and write of the host table, in submission order (FIFO):
 
-Ordering, and why a row updated at step s has its new value when step s+1 reads it:
-  - One worker thread does every read and write of the host table, in submission order (FIFO).
-  - Every gather records how many updates had been applied when it ran. prefetch(s+1) is normally submitted
-    while step s runs, i.e. before step s's update, so its copy of any row that step s also touched is old.
-  - lookup(s+1) therefore waits for the queued updates, then re-gathers exactly the rows that an update
-    applied after the prefetch touched (ids(s) intersect ids(s+1)) and overwrites them in the device buffer,
-    on the compute stream, before the forward reads them. Rows only in s+1 were already current.
-On a machine without CUDA the same code runs with host and device both the CPU: no pinning, no streams, the
-worker thread still overlaps its gathers with compute. That is how the tests exercise it.
+    prefetch(X)  worker: dedup X's ids, gather their rows into pinned staging, copy them to the device on a
+                 dedicated copy stream, record an event
+    lookup(X)    the compute stream waits on that event; the rows arrive as a leaf that requires grad
+    step(lr)     the copy stream brings the step's merged gradient to host memory; then the worker runs
+                   1. the update of the rows that the prefetched next batch also reads,
+                   2. a re-copy of exactly those rows into that batch's device buffer,
+                   3. the update of every other row,
+                 and lookup(next) waits for 2 only. So the host update of step s overlaps the device compute
+                 of step s+1, and step s+1 still reads rows that include step s's update.
+
+A failed worker job is never lost: the next prefetch, lookup, step, flush or state_dict raises it, so a
+checkpoint cannot be written with an update missing.
+
+On a machine without CUDA the same code runs with host and device both the CPU: no pinning, no streams, and
+the worker thread still overlaps with compute. That is how the tests exercise it.
 
 Sampling (HostRowFetcher): the rows of each new token are fetched from host memory as it is generated, with a
 small device cache of rows (least-frequently-used eviction: token frequencies are Zipfian).
@@ -33,166 +35,190 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from model import StemRows
-from stem_sparse import SparseRowAdamW, merge_rows
+from stem_sparse import SparseRowAdamW
 
 
-def to_host(tensor, pin):
-    host = tensor.detach().to("cpu")
-    return host.pin_memory() if pin else host
+class OffloadError(ValueError):
+    """A host-side job failed; the trainer prints it as one line."""
 
 
-class _Fetched:
-    """One batch's rows on their way to the device."""
+def page_lock(tensor):
+    """Pin a plain host tensor in place, at its exact size. (tensor.pin_memory() goes through the caching host
+    allocator, which rounds every allocation up to a power of two: a 4.5 GB table would pin 8 GB.)"""
+    cudart = torch.cuda.cudart()
+    err = cudart.cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), 0)
+    if int(getattr(err, "value", err)) != 0:
+        raise OffloadError(f"cudaHostRegister of {tensor.numel() * tensor.element_size() / 2**30:.1f} GiB failed "
+                           f"({err}): not enough lockable host memory; lower the table size or turn offload off")
+    return tensor
 
-    def __init__(self, ids, inverse, rows, event, n_updates):
-        self.ids, self.inverse, self.rows, self.event, self.n_updates = ids, inverse, rows, event, n_updates
 
-
-class OffloadedStemTable:
-    def __init__(self, table, device, lr_mult=1.0, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8):
+class OffloadedRowAdamW(SparseRowAdamW):
+    def __init__(self, table, device, **adamw):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
-        table.data = to_host(table.data, pin=self.cuda)  # the parameter itself now lives in host memory
-        self.table = table
-        # the row-wise AdamW runs on the host table, its moments in host memory beside it
-        self.host_opt = SparseRowAdamW(table, lr_mult, weight_decay, betas, eps)
+        table.data = table.data.to("cpu", copy=True)  # the parameter itself now lives in host memory
+        super().__init__(table, **adamw)  # the moments are made beside it, in host memory
         if self.cuda:
-            for name in ("exp_avg", "exp_avg_sq"):
-                setattr(self.host_opt, name, getattr(self.host_opt, name).pin_memory())
+            for t in (self.table, self.exp_avg, self.exp_avg_sq):
+                page_lock(t)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stem-offload")
+        self.jobs = []  # (what, future) of every job not yet known to have succeeded
+        self.failed = None  # the message of the first job that failed
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
-        self.staging = [None, None]  # double-buffered pinned staging, each with the event of its last copy
-        self.staging_events = [None, None]
-        self.flip = 0
-        self.n_updates = 0  # updates applied to the host table so far (only the worker changes it)
-        self.recent = []  # (update number, ids it touched), for freshening prefetched rows
-        self.pending_prefetch = None  # (idx, future)
-        self.last_job = None
-        self.pending = []
-        self.grad = None
-        self.bytes_to_device = 0
-        self.bytes_to_host = 0
+        self.staging, self.flip = [None, None], 0  # double-buffered pinned staging for gathers
+        self.prefetched = None  # (idx, future of (ids, inverse, device rows, event)) of the next batch
+        self.bytes_to_device = self.bytes_to_host = 0
+        self.on_event = None  # called with the name of each job as it starts and ends (tests record the order)
 
-    # -- worker-thread jobs: the only code that touches the host table ------------------------------------
+    # -- the worker thread: the only code that touches the host table ------------------------------------
 
-    def _submit(self, fn, *args):
-        self.last_job = self.worker.submit(fn, *args)
-        return self.last_job
+    def _submit(self, what, fn, *args):
+        self.check()
+
+        def job():
+            self._note(f"{what} start")
+            out = fn(*args)
+            self._note(f"{what} end")
+            return out
+        future = self.worker.submit(job)
+        self.jobs.append((what, future))
+        return future
+
+    def _note(self, event):
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def check(self):
+        """Raise the first failure of a finished job, and keep raising it: the host table is missing that work."""
+        for what, future in list(self.jobs):
+            if future.done():
+                self.jobs.remove((what, future))
+                e = future.exception()
+                if e is not None and self.failed is None:
+                    self.failed = (f"the offloaded STEM table's {what} failed ({type(e).__name__}: {e}); the host "
+                                   f"table is missing that work, so training stops here")
+        if self.failed is not None:
+            raise OffloadError(self.failed)
+
+    def _to_device(self, ids, into=None, where=None):
+        """Copy table rows ids to the device on the copy stream; returns (device rows, event). With into and
+        where, the rows overwrite into[where] instead."""
+        n, width = ids.numel(), self.table.size(1)
+        self.bytes_to_device += n * width * self.table.element_size()
+        if not self.cuda:
+            rows = self.table.index_select(0, ids)
+            if into is not None:
+                into[where] = rows
+            return (rows if into is None else into), None
+        k = self.flip = 1 - self.flip
+        if self.staging[k] is None or self.staging[k][0].size(0) < n:
+            self.staging[k] = (page_lock(torch.empty(max(n, 1), width, dtype=self.table.dtype)), None)
+        buffer, last = self.staging[k]
+        if last is not None:
+            last.synchronize()  # the copy that last read this staging buffer is done
+        staged = torch.index_select(self.table, 0, ids, out=buffer[:n])
+        with torch.cuda.stream(self.copy_stream):
+            rows = staged.to(self.device, non_blocking=True)
+            if into is not None:
+                into[where.to(self.device, non_blocking=True)] = rows
+                rows = into
+            event = torch.cuda.Event()
+            event.record(self.copy_stream)
+        self.staging[k] = (buffer, event)
+        return rows, event
 
     def _gather(self, idx_host):
         ids, inverse = torch.unique(idx_host, return_inverse=True)
-        n_updates = self.n_updates
-        if not self.cuda:
-            rows = self.table.index_select(0, ids)
-            self.bytes_to_device += rows.numel() * rows.element_size()
-            return _Fetched(ids, inverse, rows, None, n_updates)
-        k = self.flip = 1 - self.flip
-        if self.staging_events[k] is not None:
-            self.staging_events[k].synchronize()  # the copy that last read this staging buffer is done
-        if self.staging[k] is None or self.staging[k].size(0) < ids.numel():
-            self.staging[k] = torch.empty(idx_host.numel(), self.table.size(1), pin_memory=True)
-        staged = self.staging[k][:ids.numel()]
-        torch.index_select(self.table, 0, ids, out=staged)
-        with torch.cuda.stream(self.copy_stream):
-            rows = staged.to(self.device, non_blocking=True)
-            inverse_dev = inverse.pin_memory().to(self.device, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self.copy_stream)
-        self.staging_events[k] = event
-        self.bytes_to_device += staged.numel() * staged.element_size()
-        return _Fetched(ids, inverse_dev, rows, event, n_updates)
+        if self.cuda:
+            with torch.cuda.stream(self.copy_stream):  # ordered before the rows' event below
+                inverse = inverse.pin_memory().to(self.device, non_blocking=True)
+        rows, event = self._to_device(ids)
+        return ids, inverse, rows, event
 
-    def _update(self, ids_host, grad_host, event, lr):
-        if event is not None:
-            event.synchronize()  # the gradient's copy to host memory has landed
-        self.host_opt.grad = (ids_host, grad_host)
-        self.host_opt.step(lr)
-        self.n_updates += 1
-        self.recent = self.recent[-7:] + [(self.n_updates, ids_host)]
+    def _update_hot(self, ids, grad, grad_ready, fetched, lr):
+        if grad_ready is not None:
+            grad_ready.synchronize()  # the gradient's copy to host memory has landed
+        hot = torch.isin(ids, fetched.result()[0]) if fetched is not None else torch.zeros_like(ids, dtype=bool)
+        self.update(ids[hot], grad[hot], lr)
+        return ids[~hot], grad[~hot], ids[hot]
 
-    def _fresh_rows(self, ids, since):
-        """Positions in ids of rows that an update after `since` changed, and those rows' current values."""
-        touched = [u for n, u in self.recent if n > since]
-        if not touched:
-            return None, None
-        where = torch.isin(ids, torch.cat(touched)).nonzero().flatten()
-        return where, self.table.index_select(0, ids[where])
+    def _refresh(self, fetched, hot_job):
+        """The prefetched batch's copies of the rows just updated are stale: overwrite them on the device."""
+        ids, inverse, rows, event = fetched.result()
+        changed = hot_job.result()[2]
+        where = torch.isin(ids, changed).nonzero().flatten()
+        if where.numel():  # (on the copy stream, so after the prefetch's own copy)
+            rows, event = self._to_device(ids[where], into=rows, where=where)
+        return ids, inverse, rows, event
 
-    # -- the SparseRowAdamW interface ----------------------------------------------------------------------
+    def _update_rest(self, hot_job, lr):
+        ids, grad, _ = hot_job.result()
+        self.update(ids, grad, lr)
+
+    # -- what the trainer calls -------------------------------------------------------------------------------
 
     def prefetch(self, idx, idx_host=None):
-        """Start fetching idx's rows now. Pass idx_host (the batch before it went to the GPU) to spare a
-        device-to-host copy of the ids."""
+        """Start fetching idx's rows now. idx_host (the batch before it went to the GPU) spares a copy back."""
         host = idx_host if idx_host is not None else idx.to("cpu")
-        self.pending_prefetch = (idx, self._submit(self._gather, host))
+        self.prefetched = (idx, self._submit("row gather", self._gather, host))
 
     def lookup(self, idx, grad=True):
-        if self.pending_prefetch is not None and self.pending_prefetch[0] is idx:
-            future = self.pending_prefetch[1]
+        if self.prefetched is not None and self.prefetched[0] is idx:
+            future = self.prefetched[1]
         else:
-            future = self._submit(self._gather, idx.to("cpu"))
-        self.pending_prefetch = None
-        fetched = future.result()
-        where, fresh = self._submit(self._fresh_rows, fetched.ids, fetched.n_updates).result()
-        rows, inverse = fetched.rows, fetched.inverse
+            future = self._submit("row gather", self._gather, idx.to("cpu"))
+        self.prefetched = None
+        ids, inverse, rows, event = future.result()
+        self.check()
         if self.cuda:
             stream = torch.cuda.current_stream(self.device)
-            stream.wait_event(fetched.event)
+            if event is not None:
+                stream.wait_event(event)
             rows.record_stream(stream)
             inverse.record_stream(stream)
-        if where is not None and where.numel():
-            rows[where.to(rows.device)] = fresh.to(rows.device, non_blocking=True)
-            self.bytes_to_device += fresh.numel() * fresh.element_size()
-        return StemRows(rows.requires_grad_(grad), inverse, fetched.ids)
-
-    def accumulate(self, lookup):
-        if lookup.rows.grad is not None:
-            self.pending.append((lookup.ids, lookup.rows.grad))
-
-    def sync(self):
-        if not self.pending:
-            self.grad = None
-            return
-        ids = torch.cat([i for i, _ in self.pending])  # host ids
-        grads = torch.cat([g for _, g in self.pending])  # device rows
-        self.pending = []
-        self.grad = merge_rows(ids, grads)
-
-    def grad_sq_norm(self):
-        return self.grad[1].float().pow(2).sum() if self.grad is not None else torch.zeros(())
-
-    def scale_grad(self, factor):
-        if self.grad is not None:
-            self.grad[1].mul_(factor.to(self.grad[1].device) if torch.is_tensor(factor) else factor)
+        self._note("lookup")
+        return StemRows(rows.requires_grad_(grad), inverse, ids)
 
     def step(self, lr):
         if self.grad is None:
-            return
+            return self.check()
         ids, grad = self.grad
         self.grad = None
-        event = None
-        if self.cuda:
-            grad_host = torch.empty(grad.shape, dtype=grad.dtype, pin_memory=True)
-            grad_host.copy_(grad, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(self.device))
+        grad_ready = None
+        if self.cuda:  # device-to-host on the copy stream, after the compute stream has produced the gradient
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.copy_stream):
+                host = torch.empty(grad.shape, dtype=grad.dtype, pin_memory=True)  # one step's rows: small
+                host.copy_(grad, non_blocking=True)
+                grad.record_stream(self.copy_stream)
+                grad_ready = torch.cuda.Event()
+                grad_ready.record(self.copy_stream)
+            grad = host
         else:
-            grad_host = grad.detach().clone()
-        self.bytes_to_host += grad_host.numel() * grad_host.element_size()
-        self._submit(self._update, ids, grad_host, event, lr)
+            grad = grad.detach().clone()
+        self.bytes_to_host += grad.numel() * grad.element_size()
+        fetched = self.prefetched[1] if self.prefetched is not None else None
+        hot = self._submit("update of the rows the next batch reads", self._update_hot, ids, grad, grad_ready,
+                           fetched, lr)
+        if fetched is not None:
+            self.prefetched = (self.prefetched[0], self._submit("re-copy of updated rows", self._refresh, fetched,
+                                                                 hot))
+        self._submit("update of the other rows", self._update_rest, hot, lr)
 
     def flush(self):
-        """Wait until every queued update has reached the host table (before saving it)."""
-        if self.last_job is not None:
-            self.last_job.result()
+        """Wait until every queued job is done, and raise if one failed (before the table is saved)."""
+        for _, future in list(self.jobs):
+            future.exception()  # waits
+        self.check()
 
     def state_dict(self):
         self.flush()
-        return self.host_opt.state_dict()
+        return super().state_dict()
 
     def load_state_dict(self, state):
         self.flush()
-        self.host_opt.load_state_dict(state)
+        super().load_state_dict(state)
 
 
 class HostRowFetcher:
@@ -208,15 +234,12 @@ class HostRowFetcher:
         self.lock = threading.Lock()
 
     def __call__(self, tokens, start):
-        window = tokens[:, start:]
-        ids, inverse = torch.unique(window.cpu(), return_inverse=True)
+        ids, inverse = torch.unique(tokens[:, start:].cpu(), return_inverse=True)
         if ids.numel() > self.cache.size(0):  # more distinct tokens than the cache holds: copy them directly
-            rows = self.table.index_select(0, ids).to(self.device)
-            return StemRows(rows, inverse.to(self.device), ids)
+            return StemRows(self.table.index_select(0, ids).to(self.device), inverse.to(self.device), ids)
         with self.lock:
             slots = [self._slot(t, keep=set(ids.tolist())) for t in ids.tolist()]
-        rows = self.cache[torch.tensor(slots, device=self.device)]
-        return StemRows(rows, inverse.to(self.device), ids)
+        return StemRows(self.cache[torch.tensor(slots, device=self.device)], inverse.to(self.device), ids)
 
     def _slot(self, token, keep):
         self.uses[token] = self.uses.get(token, 0) + 1

@@ -1,165 +1,168 @@
 """
-The STEM layer's one non-matmul op, h = SiLU(gate) * rows[inverse], forward and backward, two ways:
+The STEM layer's one non-matmul op, h = SiLU(gate) * E[t], as a fused Triton kernel for GPUs.
 
-- "torch": plain PyTorch, the readable reference and the CPU path.
-- "triton": a fused GPU kernel that reads each table row straight from `rows` (the gathered [tokens, d_ff]
-  tensor is never built), with a backward that reduces the table gradient per row over sorted segments of
-  tokens, in a fixed order: no float atomics, so runs repeat bit for bit. On a CPU it runs under Triton's
-  interpreter (TRITON_INTERPRET=1), which is how the tests check it against the torch path.
+model.py computes it in plain PyTorch, F.silu(gate) * F.embedding(t, E); that is the reference and the CPU path.
+On a GPU the kernel here does the same in one pass that reads each row of E in place, so the gathered
+[tokens, d_ff] tensor E[t] is never written to memory. Its backward recomputes SiLU and the gather instead of
+saving activations, and sums each row's gradient without float atomics, in two passes:
 
-The Triton backward recomputes SiLU and the row gather instead of saving [tokens, d_ff] activations.
+  pass 1: the positions, sorted by the row they read, are cut into chunks of at most CHUNK positions of one
+          row; a program per (chunk, column block) writes its positions' gate gradients and one partial sum
+  pass 2: a program per (row, column block) adds that row's partials in chunk order
+
+Real text is Zipfian ('\\n' fills ~12% of a Shakespeare batch), so summing a row's positions in one serial
+loop would make the backward wait on its most frequent token; with chunks the longest serial chain is
+CHUNK + (that token's positions / CHUNK). The order of every sum is fixed, so runs repeat bit for bit.
+
+The op is registered with torch.library.custom_op, so torch.compile sees one opaque op and does not break
+the graph. On a CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1): that is how the tests
+check them against the PyTorch path.
 """
 
 import os
-import warnings
 
 import torch
 
 try:
     import triton
     import triton.language as tl
-except ImportError:  # triton is optional: the torch path needs nothing else
+except ImportError:  # triton is optional: the PyTorch path needs nothing else
     triton = None
 
 KERNELS = ("auto", "triton", "torch")
+CHUNK = 32  # positions per pass-1 program: the serial work of one program in the backward
 
 
-def resolve_kernel(kernel, device):
-    """auto -> triton on CUDA when it imports, else torch. An explicit choice that cannot run is an error."""
+def use_triton(kernel, device):
+    """auto -> the Triton kernel on CUDA when triton imports. An explicit choice that cannot run is an error."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown stem_kernel {kernel!r}: choose one of {', '.join(KERNELS)}")
-    device = torch.device(device)
+    on_cuda = torch.device(device).type == "cuda"
     if kernel == "auto":
-        return "triton" if triton is not None and device.type == "cuda" else "torch"
+        return triton is not None and on_cuda
     if kernel == "triton":
         if triton is None:
             raise ValueError("stem_kernel=triton needs the triton package: pip install triton "
                              "(or use stem_kernel=torch)")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("stem_kernel=triton on a CPU needs TRITON_INTERPRET=1 (Triton's interpreter, slow; "
                              "for tests), or use stem_kernel=torch")
-    return kernel
+    return kernel == "triton"
 
 
-def row_segments(inverse, n_rows):
-    """Positions grouped by the row they read: order lists positions sorted by row (stable, so the sum over
-    a row's positions always runs in the same order) and row r's positions are order[start[r]:start[r+1]].
-    The same for every STEM layer, so GPT.forward computes it once per batch."""
-    inverse = inverse.reshape(-1)
+def chunks(inverse, n_rows, chunk=CHUNK):
+    """The backward's work plan. order: positions sorted by row (stable); chunk c covers order[begin[c]:end[c]],
+    positions of one row, row_of_chunk[c]; row r's chunks are first_chunk[r]:first_chunk[r + 1]."""
     order = torch.argsort(inverse, stable=True)
-    start = torch.zeros(n_rows + 1, dtype=torch.int64, device=inverse.device)
-    start[1:] = torch.cumsum(torch.bincount(inverse, minlength=n_rows), dim=0)
-    return order, start
-
-
-def silu_mul_rows(gate, rows, inverse, kernel="torch", segments=None):
-    """SiLU(gate) * rows[inverse].  gate: [..., D]; rows: [R, D] (row stride may exceed D, e.g. one layer's
-    column block of the stacked table); inverse: gate.shape[:-1] ints in [0, R). Returns gate's dtype."""
-    if kernel == "triton":
-        return _SiluMulRowsTriton.apply(gate, rows, inverse, segments)
-    return _SiluMulRowsTorch.apply(gate, rows, inverse, segments)
-
-
-class _SiluMulRowsTorch(torch.autograd.Function):
-    # Saves SiLU(gate) and the gathered rows, as autograd would for SwiGLU's SiLU(gate) * up, and keeps the
-    # backward to a few full passes: on a CPU each [tokens, d_ff] pass costs about as much as the
-    # up-projection matmul that STEM saves, so fewer passes is the whole game here.
-    @staticmethod
-    def forward(ctx, gate, rows, inverse, segments):
-        acc = torch.promote_types(gate.dtype, rows.dtype)  # bf16 gate, fp32 rows: compute in fp32
-        g = gate.to(acc)
-        up = rows.index_select(0, inverse.reshape(-1)).view(gate.shape).to(acc)
-        act = torch.nn.functional.silu(g)
-        ctx.save_for_backward(g, act, up, inverse)
-        ctx.segments, ctx.n_rows, ctx.dtypes = segments, rows.size(0), (gate.dtype, rows.dtype)
-        return (act * up).to(gate.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_h):
-        g, act, up, inverse = ctx.saved_tensors
-        grad_h = grad_h.to(g.dtype)
-        grad_gate = grad_rows = None
-        if ctx.needs_input_grad[0]:
-            grad_gate = torch.ops.aten.silu_backward(grad_h * up, g).to(ctx.dtypes[0])
-        if ctx.needs_input_grad[1]:
-            # grad_rows[r] = sum of grad_h * act over row r's positions, as a sparse [rows, positions] 0/1
-            # matrix times [positions, d_ff]: each row sums in sorted order (deterministic), and on a CPU it
-            # is 3-4x faster than index_add_, which scatters element by element.
-            order, start = ctx.segments if ctx.segments is not None else row_segments(inverse, ctx.n_rows)
-            contrib = (grad_h * act).reshape(-1, g.size(-1))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-                rows_of = torch.sparse_csr_tensor(start, order, torch.ones_like(order, dtype=contrib.dtype),
-                                                  size=(ctx.n_rows, contrib.size(0)))
-            grad_rows = (rows_of @ contrib).to(ctx.dtypes[1])
-        return grad_gate, grad_rows, None, None
+    count = torch.bincount(inverse, minlength=n_rows)
+    seg_start = torch.cumsum(count, 0) - count  # where each row's positions begin in order
+    n_chunks = (count + chunk - 1) // chunk
+    first_chunk = torch.zeros(n_rows + 1, dtype=torch.int64, device=inverse.device)
+    first_chunk[1:] = torch.cumsum(n_chunks, 0)
+    row_of_chunk = torch.repeat_interleave(torch.arange(n_rows, device=inverse.device), n_chunks)
+    k = torch.arange(row_of_chunk.numel(), device=inverse.device) - first_chunk[row_of_chunk]  # chunk k of its row
+    begin = seg_start[row_of_chunk] + k * chunk
+    end = torch.minimum(begin + chunk, seg_start[row_of_chunk] + count[row_of_chunk])
+    return order, begin, end, row_of_chunk, first_chunk
 
 
 if triton is not None:
     @triton.jit
-    def _silu_mul_rows_fwd(gate, rows, inverse, out, D, stride_g, stride_r, BLOCK: tl.constexpr):
+    def _forward_kernel(gate, rows, inverse, out, D, stride_g, stride_r, BLOCK: tl.constexpr):
         i = tl.program_id(0).to(tl.int64)  # one program per (position, column block)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < D
         r = tl.load(inverse + i).to(tl.int64)
-        g = tl.load(gate + i * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(gate + i * stride_g + cols, mask=mask, other=0.0).to(tl.float32)  # fp32 before any math
         u = tl.load(rows + r * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(out + i * stride_g + cols, (g * tl.sigmoid(g) * u).to(out.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _silu_mul_rows_bwd(gate, rows, grad_h, order, seg_start, grad_gate, grad_rows,
-                           D, stride_g, stride_r, stride_gr, BLOCK: tl.constexpr):
-        # One program per (row, column block): walk the row's positions in sorted order, write each
-        # position's gate gradient, and sum the row's gradient in registers. Every position belongs to
-        # exactly one row, so nothing is written twice and no atomics are needed.
-        r = tl.program_id(0).to(tl.int64)
+    def _backward_pass1(gate, rows, grad_h, order, begin, end, row_of_chunk, grad_gate, partial,
+                        D, stride_g, stride_r, BLOCK: tl.constexpr):
+        c = tl.program_id(0).to(tl.int64)  # one program per (chunk, column block)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < D
+        r = tl.load(row_of_chunk + c)
         u = tl.load(rows + r * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-        start = tl.load(seg_start + r)
-        end = tl.load(seg_start + r + 1)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for j in range(start, end):
-            i = tl.load(order + j).to(tl.int64)
+        for j in range(tl.load(begin + c), tl.load(end + c)):  # at most CHUNK positions, in sorted order
+            i = tl.load(order + j)
             g = tl.load(gate + i * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
             dh = tl.load(grad_h + i * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
             sig = tl.sigmoid(g)
-            acc += dh * g * sig
+            acc += dh * g * sig  # d(h)/d(row) = SiLU(gate)
             tl.store(grad_gate + i * stride_g + cols,
                      (dh * u * sig * (1 + g * (1 - sig))).to(grad_gate.dtype.element_ty), mask=mask)
+        tl.store(partial + c * D + cols, acc, mask=mask)
+
+    @triton.jit
+    def _backward_pass2(partial, first_chunk, grad_rows, D, stride_gr, BLOCK: tl.constexpr):
+        r = tl.program_id(0).to(tl.int64)  # one program per (row, column block)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < D
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for c in range(tl.load(first_chunk + r), tl.load(first_chunk + r + 1)):
+            acc += tl.load(partial + c * D + cols, mask=mask, other=0.0)
         tl.store(grad_rows + r * stride_gr + cols, acc.to(grad_rows.dtype.element_ty), mask=mask)
 
 
-def _block(D):
-    return min(1024, triton.next_power_of_2(D))
+def _grid(n, D):
+    block = min(1024, triton.next_power_of_2(D))
+    return (n, triton.cdiv(D, block)), block
 
 
-class _SiluMulRowsTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate, rows, inverse, segments):
-        if rows.stride(1) != 1:
-            rows = rows.contiguous()
-        D = gate.size(-1)
-        g2 = gate.reshape(-1, D).contiguous()
-        flat = inverse.reshape(-1).contiguous()
-        out = torch.empty_like(g2)
-        BLOCK = _block(D)
-        _silu_mul_rows_fwd[(g2.size(0), triton.cdiv(D, BLOCK))](g2, rows, flat, out, D, g2.stride(0),
-                                                              rows.stride(0), BLOCK=BLOCK)
-        ctx.save_for_backward(g2, rows, flat)
-        ctx.segments, ctx.shape = segments, gate.shape
-        return out.view(gate.shape)
+@torch.library.custom_op("stem::silu_mul_rows", mutates_args=())
+def silu_mul_rows(gate: torch.Tensor, rows: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * rows[inverse]. gate: [..., D]; rows: [R, D], row stride may exceed D (one layer's column
+    block of the stacked table); inverse: gate.shape[:-1] ints in [0, R). Returns gate's dtype."""
+    D = gate.size(-1)
+    g2, flat = gate.reshape(-1, D).contiguous(), inverse.reshape(-1).contiguous()
+    rows = rows if rows.stride(1) == 1 else rows.contiguous()
+    out = torch.empty_like(g2)
+    grid, block = _grid(g2.size(0), D)
+    _forward_kernel[grid](g2, rows, flat, out, D, g2.stride(0), rows.stride(0), BLOCK=block)
+    return out.view(gate.shape)
 
-    @staticmethod
-    def backward(ctx, grad_h):
-        g2, rows, flat = ctx.saved_tensors
-        order, start = ctx.segments if ctx.segments is not None else row_segments(flat, rows.size(0))
-        D = g2.size(1)
-        grad_h = grad_h.reshape(-1, D).contiguous()
-        grad_gate = torch.empty_like(g2)
-        grad_rows = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
-        BLOCK = _block(D)
-        _silu_mul_rows_bwd[(rows.size(0), triton.cdiv(D, BLOCK))](
-            g2, rows, grad_h, order, start, grad_gate, grad_rows, D, g2.stride(0), rows.stride(0),
-            grad_rows.stride(0), BLOCK=BLOCK)
-        return grad_gate.view(ctx.shape), grad_rows, None, None
+
+@silu_mul_rows.register_fake
+def _(gate, rows, inverse):
+    return torch.empty_like(gate)
+
+
+@torch.library.custom_op("stem::silu_mul_rows_backward", mutates_args=())
+def silu_mul_rows_backward(grad_h: torch.Tensor, gate: torch.Tensor, rows: torch.Tensor,
+                           inverse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    D = gate.size(-1)
+    g2, flat = gate.reshape(-1, D).contiguous(), inverse.reshape(-1).contiguous()
+    dh = grad_h.reshape(-1, D).contiguous()
+    rows = rows if rows.stride(1) == 1 else rows.contiguous()
+    order, begin, end, row_of_chunk, first_chunk = chunks(flat, rows.size(0))
+    grad_gate = torch.empty_like(g2)
+    partial = torch.empty(begin.numel(), D, dtype=torch.float32, device=gate.device)
+    grad_rows = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
+    grid, block = _grid(begin.numel(), D)
+    if begin.numel():
+        _backward_pass1[grid](g2, rows, dh, order, begin, end, row_of_chunk, grad_gate, partial, D,
+                              g2.stride(0), rows.stride(0), BLOCK=block)
+    grid, block = _grid(rows.size(0), D)
+    _backward_pass2[grid](partial, first_chunk, grad_rows, D, grad_rows.stride(0), BLOCK=block)
+    return grad_gate.view(gate.shape), grad_rows
+
+
+@silu_mul_rows_backward.register_fake
+def _(grad_h, gate, rows, inverse):
+    return torch.empty_like(gate), rows.new_empty(rows.shape)
+
+
+def _save(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad_h):
+    gate, rows, inverse = ctx.saved_tensors
+    grad_gate, grad_rows = silu_mul_rows_backward(grad_h, gate, rows, inverse)
+    return grad_gate, grad_rows, None
+
+
+silu_mul_rows.register_autograd(_backward, setup_context=_save)

@@ -2,25 +2,28 @@
 Sparse training of the STEM table: a step reads and writes only the rows of the tokens in its batch.
 
 A STEM table holds vocab_size x (n_stem_layers * d_ff) parameters, but a batch of B x T tokens touches at
-most B x T distinct rows. So, per micro-step:
-  1. lookup(): deduplicate the batch's ids once (unique + inverse, the same for every STEM layer) and copy
-     the compact rows table[ids] into a leaf tensor that requires grad;
-  2. the forward reads those rows (StemRows in model.py); the backward leaves a compact [n_unique, width]
-     gradient in rows.grad, never a dense vocab-sized one;
-  3. accumulate() keeps (ids, rows.grad); sync() merges the micro-steps and, under DDP, all ranks;
-  4. step() applies a row-wise AdamW to just those rows.
+most B x T distinct rows. The path of one step, in order:
+  1. lookup(idx): deduplicate the batch's ids once (unique + inverse, the same for every STEM layer) and copy
+     the compact rows table[ids] into a leaf tensor that requires grad; the model reads it as a StemRows;
+  2. the backward leaves a compact [n_unique, width] gradient in rows.grad, never a vocab-sized one;
+  3. accumulate(rows): merge it into the step's gradient at once, so what waits is one step's distinct rows;
+  4. sync(): under DDP, gather every rank's rows, merge, and average;
+  5. clip_grad_norm_ below scales dense and row gradients together;
+  6. step(lr): a row-wise AdamW on just those rows (update()).
+
+Every sum of table gradients (repeated ids within a micro-step, across micro-steps, across ranks) is a sorted
+segment sum, never index_add_ (which uses float atomics on CUDA): replicas stay bit-identical.
 
 Row-wise ("lazy") AdamW, and where it differs from dense AdamW:
   - a row's moments and weight decay are updated only at steps whose batch contains its token. Dense AdamW
-    on the whole table keeps moving rows with zero gradient (their momentum decays and still pushes them)
-    and decays every row every step; lazy Adam leaves untouched rows bit-identical.
+    keeps moving rows with zero gradient (their momentum decays and still pushes them) and decays every row
+    every step; lazy Adam leaves untouched rows bit-identical.
   - bias correction uses each row's own update count (row_step), so a rare token's first update is a
     full-size Adam step, exactly as dense AdamW's first step would be. The first step from a fresh state is
     therefore identical to dense AdamW on every row (with weight decay 0, on all rows; with weight decay,
     on the touched rows).
-Gradient clipping: clip_grad_norm_ takes the norm over the dense parameters' gradients and the merged row
-gradients together. Untouched rows have zero gradient, so this is exactly the norm dense training would
-clip by. The learning rate is the trainer's scheduled lr times the table's lr_mult, as for the dense group.
+Clipping: the norm is taken over the dense gradients and the merged row gradients together. Untouched rows
+have zero gradient, so this is exactly the norm dense training would clip by.
 """
 
 import torch
@@ -30,10 +33,11 @@ from model import StemRows
 
 
 def merge_rows(ids, grads):
-    """Sum the gradients of repeated ids: returns (sorted unique ids, their summed rows)."""
+    """Sum the gradients of repeated ids: (sorted unique ids, their summed rows). index_put_ with accumulate
+    sorts on CUDA and runs in order on a CPU, so the sums repeat bit for bit (index_add_ would not on CUDA)."""
     unique, inverse = torch.unique(ids, return_inverse=True)  # ids may be on the host (offload), grads not
     merged = torch.zeros(unique.numel(), grads.size(1), dtype=grads.dtype, device=grads.device)
-    merged.index_add_(0, inverse.to(grads.device), grads)
+    merged.index_put_((inverse.to(grads.device),), grads, accumulate=True)
     return unique, merged
 
 
@@ -44,10 +48,9 @@ def all_gather_rows(ids, grads):
     counts = [torch.zeros_like(count) for _ in range(world)]
     dist.all_gather(counts, count)
     counts = [int(c) for c in counts]
-    most = max(counts)
-    pad_ids = torch.zeros(most, dtype=ids.dtype, device=ids.device)
+    pad_ids = ids.new_zeros(max(counts))
     pad_ids[:ids.numel()] = ids
-    pad_rows = torch.zeros(most, grads.size(1), dtype=grads.dtype, device=grads.device)
+    pad_rows = grads.new_zeros(max(counts), grads.size(1))
     pad_rows[:ids.numel()] = grads
     all_ids = [torch.empty_like(pad_ids) for _ in range(world)]
     all_rows = [torch.empty_like(pad_rows) for _ in range(world)]
@@ -68,53 +71,56 @@ class SparseRowAdamW:
         self.exp_avg = torch.zeros_like(table)
         self.exp_avg_sq = torch.zeros_like(table)
         self.row_step = torch.zeros(table.size(0), dtype=torch.int64, device=table.device)
-        self.pending = []  # (ids, grad rows) of each micro-step since the last step
-        self.grad = None  # (ids, rows) after sync()
+        self.grad = None  # (sorted ids, summed gradient rows) of the step so far
 
     def prefetch(self, idx):
-        """A hint that idx is the next batch; the rows are on the device already, so nothing to do here."""
+        """A hint that idx is a coming batch; the rows are on the device already, so nothing to do here."""
 
     def lookup(self, idx, grad=True):
         ids, inverse = torch.unique(idx, return_inverse=True)
-        rows = self.table.detach().index_select(0, ids)
-        return StemRows(rows.requires_grad_(grad), inverse, ids)
+        return StemRows(self.table.detach()[ids].requires_grad_(grad), inverse, ids)
 
     def accumulate(self, lookup):
-        if lookup.rows.grad is not None:
-            self.pending.append((lookup.ids, lookup.rows.grad))
+        """Merge a micro-step's row gradients into the step's, now (memory stays one step's distinct rows)."""
+        if lookup.rows.grad is None:
+            return
+        ids, g = lookup.ids, lookup.rows.grad
+        if self.grad is not None:
+            ids, g = merge_rows(torch.cat([self.grad[0], ids]), torch.cat([self.grad[1], g]))
+        self.grad = (ids, g)
 
     def sync(self):
-        """Merge the micro-steps' row gradients; under DDP, sum over ranks and divide by the world size,
-        matching DDP's gradient averaging, so every rank applies the same update to its replica."""
-        if not self.pending:
-            self.grad = None
-            return
-        ids = torch.cat([i for i, _ in self.pending])
-        rows = torch.cat([g for _, g in self.pending])
-        self.pending = []
+        """Under DDP, sum over ranks and divide by the world size, matching DDP's gradient averaging, so every
+        rank applies the same update to its replica."""
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            ids, rows = all_gather_rows(ids, rows)
-            rows = rows / dist.get_world_size()
-        self.grad = merge_rows(ids, rows)
+            ids, g = self.grad if self.grad is not None else (self.table.new_zeros(0, dtype=torch.int64),
+                                                              self.table.new_zeros(0, self.table.size(1)))
+            ids, g = all_gather_rows(ids, g)
+            self.grad = merge_rows(ids, g / dist.get_world_size()) if ids.numel() else None
 
     def grad_sq_norm(self):
         return self.grad[1].float().pow(2).sum() if self.grad is not None else torch.zeros(())
 
     def scale_grad(self, factor):
         if self.grad is not None:
-            self.grad[1].mul_(factor)
+            self.grad[1].mul_(factor.to(self.grad[1].device) if torch.is_tensor(factor) else factor)
+
+    def step(self, lr):
+        if self.grad is not None:
+            ids, g = self.grad
+            self.grad = None
+            self.update(ids, g, lr)
 
     @torch.no_grad()
-    def step(self, lr):
-        if self.grad is None:
-            return
-        ids, g = self.grad
-        self.grad = None
+    def update(self, ids, g, lr):
+        """AdamW on rows ids of the table with their gradient g. The same arithmetic, in the same order, as
+        torch.optim.AdamW's single-tensor path, so a first step equals dense AdamW's bit for bit."""
+        ids = ids.to(self.table.device)
+        g = g.to(self.table.device)
         lr = lr * self.lr_mult
         beta1, beta2 = self.betas
         step = self.row_step[ids] + 1
         self.row_step[ids] = step
-        # the same arithmetic, in the same order, as torch.optim.AdamW's single-tensor path
         m = self.exp_avg[ids].mul_(beta1).add_(g, alpha=1 - beta1)
         v = self.exp_avg_sq[ids].mul_(beta2).addcmul_(g, g, value=1 - beta2)
         self.exp_avg[ids] = m
@@ -140,14 +146,16 @@ def clip_grad_norm_(parameters, max_norm, row_optimizer=None):
     """torch.nn.utils.clip_grad_norm_ over the dense gradients and the sparse row gradients together.
     Returns the total norm before clipping."""
     grads = [p.grad for p in parameters if p.grad is not None]
-    sq = sum((g.float().pow(2).sum() for g in grads), torch.zeros((), device=grads[0].device if grads else None))
+    sq = sum((torch.linalg.vector_norm(g.float()) ** 2 for g in grads), torch.zeros(()))
+    if grads:
+        sq = sq.to(grads[0].device)
     if row_optimizer is not None:
         sq = sq + row_optimizer.grad_sq_norm().to(sq.device)
     total = sq.sqrt()
     if max_norm > 0:
         scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for g in grads:
-            g.mul_(scale.to(g.dtype))
+        if grads:
+            torch._foreach_mul_(grads, scale)
         if row_optimizer is not None:
-            row_optimizer.scale_grad(scale.to(sq.device))
+            row_optimizer.scale_grad(scale)
     return total

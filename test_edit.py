@@ -1,18 +1,26 @@
 """Tests of knowledge_edit.py: STEM-row edits against hand-edited tables, the length modes, the KV cache,
-the offloaded row source, and refusals. Tiny untrained models with GPT-2's vocabulary and the real tokenizer."""
+the offloaded row source, and refusals. Tiny untrained models with GPT-2's vocabulary and the real tokenizer.
+Then edit_experiment.py's settings and errors (not the experiment itself: it trains for minutes)."""
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import edit_experiment
+from configurator import ConfigError
+from edit_experiment import swapped_embeddings
 from knowledge_edit import (EditError, EditedRows, check_model, check_prompt, edited_rows, make_edits,
-                            parse_edit, plan_edits, swapped_embeddings, table_rows)
+                            parse_edit, plan_edits, table_rows)
 from model import GPT, GPTConfig, KVCache
 from prepare import load_tokenizer
 from stem_offload import HostRowFetcher
 
 enc = load_tokenizer()
+HERE = Path(__file__).resolve().parent
 
 
 def tok(text):
@@ -256,6 +264,71 @@ def test_model_without_stem_layers_is_refused(model):
     check_model(model)
     with pytest.raises(EditError, match="STEM"):
         check_model(tiny("swiglu"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# edit_experiment.py: one settings block, --key=value and config files, one-line errors
+
+def run_experiment_script(*args, cwd):
+    return subprocess.run([sys.executable, str(HERE / "edit_experiment.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_experiment_unknown_key_and_wrong_type(tmp_path):
+    for args, message in ((["--bogus=1"], "unknown key --bogus; valid keys: what, json, out_dir"),
+                          (["--top=abc"], "top must be an int, got 'abc'"),
+                          (["--reuse=yes"], "reuse must be True or False"),
+                          (["--what=sprad"], "what must be one of experiment, spread"),
+                          (["--edit_mode=copy"], "edit_mode must be one of one_to_one, average"),
+                          (["spread"], "cannot use argument 'spread'")):  # the old subcommand
+        with pytest.raises(ConfigError, match=message):
+            edit_experiment.main(args)
+    # from the command line: one line, exit status 1, for bad settings and for the program's own errors
+    for args, message in ((["--bogus=1"], "unknown key --bogus"),
+                          (["--what=spread", f"--stem_ckpt={tmp_path / 'none.pt'}"], "no checkpoint at")):
+        r = run_experiment_script(*args, cwd=tmp_path)
+        assert r.returncode == 1 and r.stdout == "", (args, r.stderr)
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith("edit_experiment.py: error: "), r.stderr
+        assert message in r.stderr, r.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing was written
+
+
+def test_experiment_help_lists_every_key_with_its_comment(tmp_path):
+    r = run_experiment_script("--what=spread", "--help", cwd=tmp_path)
+    assert r.returncode == 0 and r.stderr == ""
+    assert "python edit_experiment.py --what=spread" in r.stdout  # the docstring first
+    lines = r.stdout.splitlines()
+    for key, default in edit_experiment.SETTINGS.items():
+        (line,) = [l for l in lines if l.strip().startswith(f"--{key}={default!r} ")]
+        assert len(line.split(None, 1)[1]) > 10, line
+    assert {"what", "train_args", "top", "split", "edit_mode", "reuse", "json"} <= set(edit_experiment.SETTINGS)
+
+
+def test_experiment_config_file(tmp_path):
+    config = tmp_path / "spread_small.py"
+    config.write_text("what = 'spread'\ntop = 16\nmax_tokens = top * 64  # a config file may compute\n"
+                      "train_args = '--max_iters=10 --stem_layers=[0,1]'\n")
+    opts = edit_experiment.settings([str(config), "--split=train"])
+    assert (opts.what, opts.top, opts.max_tokens, opts.split) == ("spread", 16, 1024, "train")
+    assert opts.train_args == "--max_iters=10 --stem_layers=[0,1]" and opts.edit_mode == "one_to_one"
+    config.write_text("top = 'many'\n")
+    with pytest.raises(ConfigError, match="top must be an int"):
+        edit_experiment.settings([str(config)])
+    config.write_text("topp = 16\n")
+    with pytest.raises(ConfigError, match="sets unknown key topp"):
+        edit_experiment.settings([str(config)])
+
+
+def test_experiment_failed_training_is_one_line(tmp_path):
+    # a bad train_args key: the corpus is written and tokenized, then train.py refuses; we say so in one line
+    r = run_experiment_script("--repeats=1", "--data_dir=data", "--out_dir=out", "--train_args=--bogus_key=1",
+                              cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("edit_experiment.py: error: training failed: train.py exited with status 1"), last
+    assert "train.py: error: unknown key --bogus_key" in r.stderr
+    assert (tmp_path / "data" / "edit_experiment" / "train.bin").exists()  # relative to our working directory
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def test_stem_layers_default_and_explicit():
     assert model.stem_table.shape == (V, 2 * 32)
     model = tiny("stem", stem_layers=[0, 2])
     assert [type(b.ffn).__name__ for b in model.blocks] == ["STEM", "SwiGLU", "STEM"]
-    assert [b.stem_slot for b in model.blocks] == [0, None, 1]
+    assert [getattr(b.ffn, "slot", None) for b in model.blocks] == [0, None, 1]
     assert tiny("swiglu").stem_table is None
 
 
@@ -74,7 +74,7 @@ def test_stem_output_is_the_formula(ffn):
     def check(block):
         def hook(module, args, output):
             h = args[0]
-            E = model.stem_table[:, block.stem_slot * d_ff:(block.stem_slot + 1) * d_ff]
+            E = model.stem_table[:, module.slot * d_ff:(module.slot + 1) * d_ff]
             rows = E[idx]
             if ffn == "stem":
                 expect = module.w_down(F.silu(module.w_gate(h)) * rows)
@@ -83,11 +83,11 @@ def test_stem_output_is_the_formula(ffn):
             else:
                 expect = module.w_down(F.silu(rows) * module.w_up(h))
             torch.testing.assert_close(output, expect, rtol=1e-5, atol=1e-6)
-            seen.append(block.stem_slot)
+            seen.append(module.slot)
         return hook
 
     for block in model.blocks:
-        if block.stem_slot is not None:
+        if hasattr(block.ffn, "slot"):
             block.ffn.register_forward_hook(check(block))
     model(idx)
     assert seen == [0, 1]
@@ -156,7 +156,9 @@ def test_moe_aux_loss_by_hand():
 def test_cached_generation_equals_uncached(ffn):
     model = tiny(ffn).eval()
     prompt = batch(b=2, t=5)
-    for n_new in (8, 20):  # 20 runs past block_size=16, where the cache gives way to the cropped window
+    # within block_size=16, so every new token goes through the cache (past it, both sides would run the same
+    # uncached code on a cropped window, and the comparison could not fail)
+    for n_new in (1, 11):
         torch.manual_seed(123)
         cached = model.generate(prompt, n_new, temperature=1.0, top_k=10, use_cache=True)
         torch.manual_seed(123)

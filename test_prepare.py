@@ -165,14 +165,46 @@ def test_not_utf8(tmp_path):
     assert_clean_error(r, "latin1.txt", "UTF-8", "iconv")
 
 
-def test_unknown_flag_and_help(tmp_path):
-    r = run_script("--bogus=1", cwd=tmp_path)
-    assert r.returncode != 0 and "unrecognized arguments" in r.stderr and "Traceback" not in r.stderr
-    r = run_script("--inp=x.txt", cwd=tmp_path)  # no prefix guessing
-    assert r.returncode != 0 and "Traceback" not in r.stderr
-    r = run_script("--help", cwd=tmp_path)
-    assert r.returncode == 0 and "--input" in r.stdout and "--val_fraction" in r.stdout
+def test_unknown_key_and_wrong_type(tmp_path):
+    assert_clean_error(run_script("--bogus=1", cwd=tmp_path), "unknown key --bogus",
+                       "valid keys: input, name, out_dir, val_fraction")
+    assert_clean_error(run_script("--inp=x.txt", cwd=tmp_path), "unknown key --inp")  # no prefix guessing
+    assert_clean_error(run_script("--val_fraction=abc", cwd=tmp_path), "val_fraction must be a number", "'abc'")
+    assert_clean_error(run_script("--val_fraction=1.5", cwd=tmp_path), "val_fraction must be between 0 and 1")
+    assert_clean_error(run_script("notes.txt", cwd=tmp_path), "cannot use argument 'notes.txt'")
     assert not (tmp_path / "data").exists()
+
+
+def test_help_lists_every_key_with_its_comment(tmp_path):
+    import prepare as prep
+    r = run_script("--help", cwd=tmp_path)
+    assert r.returncode == 0 and r.stderr == ""
+    assert "Split rule" in r.stdout  # the docstring comes first
+    lines = r.stdout.splitlines()
+    for key, default in prep.SETTINGS.items():
+        (line,) = [l for l in lines if l.strip().startswith(f"--{key}={default!r} ")]
+        assert len(line.split(None, 1)[1]) > 20, line  # a comment that explains it
+    assert set(prep.SETTINGS) == {"input", "name", "out_dir", "val_fraction"}
+    assert not (tmp_path / "data").exists()
+
+
+def test_config_file_then_overrides(tmp_path, capsys):
+    import prepare as prep
+    paras = [f"Paragraph {i}. " + "word " * 9 for i in range(40)]
+    (tmp_path / "book.txt").write_text("\n\n".join(paras) + "\n", encoding="utf-8")
+    config = tmp_path / "my_config.py"
+    config.write_text(f"# a config file is Python assignments\ninput = {str(tmp_path / 'book.txt')!r}\n"
+                      f"out_dir = {str(tmp_path / 'out')!r}\nval_fraction = 0.25\nname = 'from_config'\n")
+    prep.main([str(config)])
+    meta = json.loads((tmp_path / "out" / "from_config" / "meta.json").read_text())
+    assert meta["val_fraction"] == 0.25 and meta["source"] == str((tmp_path / "book.txt").resolve())
+    # later arguments win over the file
+    prep.main([str(config), "--val_fraction=0.5", "--name=later"])
+    assert json.loads((tmp_path / "out" / "later" / "meta.json").read_text())["val_fraction"] == 0.5
+    capsys.readouterr()
+    config.write_text("val_fraction = 'a lot'\n")
+    r = run_script(str(config), cwd=tmp_path)
+    assert_clean_error(r, "val_fraction must be a number")
 
 
 def test_failed_run_leaves_old_files_untouched(tmp_path):
