@@ -487,49 +487,51 @@ def main(argv):
     bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not master, dynamic_ncols=True, unit="step")
     batches = micro_batches(cfg, rows_opt, iter_num)
     smooth_tps = None
-    while True:
-        if iter_num % cfg.eval_interval == 0 or iter_num >= cfg.max_iters:
-            losses = estimate_loss(cfg, eval_model, rows_opt)
-            if not all(math.isfinite(v) for v in losses.values()):
-                raise ConfigError(f"evaluation loss is not finite at step {iter_num} (train {losses['train']}, val "
-                                  f"{losses['val']}): training diverged; lower learning_rate. The last checkpoint "
-                                  f"in {cfg.out_dir} is untouched")
-            improved = losses["val"] < best_val_loss
-            best_val_loss = min(best_val_loss, losses["val"])
-            if master:
-                log(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"])
-                bar.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            # the state a run starts from is already on disk (or is step 0): only new progress is saved
-            if iter_num > start_iter and (cfg.always_save_checkpoint or improved):
-                # the row state first: it waits for an offloaded table's queued updates (and raises if one failed)
-                stem_state = rows_opt.state_dict() if rows_opt is not None else None
-                rng = rng_states(cfg)
+    try:  # the bar closes before an error is printed, so the error is the last line
+        while True:
+            if iter_num % cfg.eval_interval == 0 or iter_num >= cfg.max_iters:
+                losses = estimate_loss(cfg, eval_model, rows_opt)
+                if not all(math.isfinite(v) for v in losses.values()):
+                    raise ConfigError(f"evaluation loss is not finite at step {iter_num} (train {losses['train']}, val "
+                                      f"{losses['val']}): training diverged; lower learning_rate. The last checkpoint "
+                                      f"in {cfg.out_dir} is untouched")
+                improved = losses["val"] < best_val_loss
+                best_val_loss = min(best_val_loss, losses["val"])
                 if master:
-                    save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {
-                        "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "stem_optimizer": stem_state, "model_args": dataclasses.asdict(raw_model.config),
-                        "iter_num": iter_num, "best_val_loss": best_val_loss, "config": settings_of(cfg),
-                        "rng": rng, "world_size": cfg.world_size})
-        if iter_num >= cfg.max_iters:
-            break
-        t0 = time.time()
-        lr = get_lr(cfg, iter_num)
-        try:
-            loss, _ = train_step(cfg, model, optimizer, rows_opt, batches, lr)
-        except ConfigError as e:
-            raise ConfigError(f"step {iter_num}: {e}") from None
-        dt = time.time() - t0
-        tps = tokens_per_iter / dt
-        if iter_num > start_iter + 2:  # the first steps warm up (and compile); leave them out
-            smooth_tps = tps if smooth_tps is None else 0.9 * smooth_tps + 0.1 * tps
-        if master and iter_num % cfg.log_interval == 0:
-            log(iter=iter_num, loss=loss, lr=lr, dt_ms=dt * 1000, tokens_per_s=tps)
-            mfu = raw_model.estimate_mfu((smooth_tps or tps) / cfg.world_size, cfg.device)
-            bar.set_postfix_str(f"loss {loss:.4f}, {smooth_tps or tps:,.0f} tok/s, "
-                                f"mfu {'n/a' if mfu is None else f'{mfu:.1%}'}")
-        bar.update(1)
-        iter_num += 1
-    bar.close()
+                    log(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"])
+                    bar.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                # the state a run starts from is already on disk (or is step 0): only new progress is saved
+                if iter_num > start_iter and (cfg.always_save_checkpoint or improved):
+                    # the row state first: it waits for an offloaded table's queued updates (and raises if one failed)
+                    stem_state = rows_opt.state_dict() if rows_opt is not None else None
+                    rng = rng_states(cfg)
+                    if master:
+                        save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {
+                            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "stem_optimizer": stem_state, "model_args": dataclasses.asdict(raw_model.config),
+                            "iter_num": iter_num, "best_val_loss": best_val_loss, "config": settings_of(cfg),
+                            "rng": rng, "world_size": cfg.world_size})
+            if iter_num >= cfg.max_iters:
+                break
+            t0 = time.time()
+            lr = get_lr(cfg, iter_num)
+            try:
+                loss, _ = train_step(cfg, model, optimizer, rows_opt, batches, lr)
+            except ConfigError as e:
+                raise ConfigError(f"step {iter_num}: {e}") from None
+            dt = time.time() - t0
+            tps = tokens_per_iter / dt
+            if iter_num > start_iter + 2:  # the first steps warm up (and compile); leave them out
+                smooth_tps = tps if smooth_tps is None else 0.9 * smooth_tps + 0.1 * tps
+            if master and iter_num % cfg.log_interval == 0:
+                log(iter=iter_num, loss=loss, lr=lr, dt_ms=dt * 1000, tokens_per_s=tps)
+                mfu = raw_model.estimate_mfu((smooth_tps or tps) / cfg.world_size, cfg.device)
+                bar.set_postfix_str(f"loss {loss:.4f}, {smooth_tps or tps:,.0f} tok/s, "
+                                    f"mfu {'n/a' if mfu is None else f'{mfu:.1%}'}")
+            bar.update(1)
+            iter_num += 1
+    finally:
+        bar.close()
     if master:
         print(f"done: step {iter_num}, train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
               f"(best {best_val_loss:.4f}); checkpoint in {cfg.out_dir}/ckpt.pt")
