@@ -1,104 +1,81 @@
 """
-Benchmarks for stem-gpt: what STEM costs and saves next to SwiGLU and MoE. One script, a key picks what runs:
+Benchmarks for stem-gpt: what STEM costs and saves next to SwiGLU and MoE. One harness; a key picks what runs:
 
-    python bench.py                         # all but quality: ffn step vocab gather sample capacity offload
-    python bench.py --what=ffn              # or step, vocab, gather, sample, capacity, offload, quality
-    python bench.py --what=quality          # trains 4 small models through train.py (~15 min on 2 CPU cores)
-    python bench.py --json=bench.json       # also write every table and the raw timings as JSON
-    python bench.py --tiny=True             # every measurement at toy sizes: checks the plumbing in a minute
-    python bench.py --threads=1             # one torch thread: far steadier when other jobs share the cores
+    python bench.py                          # all but quality and gpu: ffn step vocab gather sample capacity offload
+    python bench.py --what=step              # one of: ffn step vocab gather sample capacity offload quality gpu
+    python bench.py --what=quality           # trains 4 small models through train.py (~15 min on 2 CPU cores)
+    python bench.py --what=gpu               # the GPU check, <= 10 min on one H100; writes bench_gpu.json
+    python bench.py --json=bench.json        # also write every table and the raw timings as JSON
+    python bench.py --tiny=True --threads=1  # toy sizes everywhere: checks the plumbing in a minute or two
 
-Each measurement prints a markdown table. How timings are taken: warm-up calls first, then `reps` rounds in
-which the variants being compared take turns (round-robin, the first one rotating), and the median of each
-variant's times; torch.cuda.synchronize before and after every timed call on a GPU. Absolute times on a
-shared machine are noisy; the ratios of variants timed side by side in one process are what to read.
-The full training steps (step, vocab) run in child processes, one per group of variants that fits in memory,
-so that a dense STEM table gradient (vocab x n_stem_layers x d_ff floats, allocated and freed every step)
-cannot disturb the timings of anything else.
+Each measurement is a short function that prints a markdown table (and adds it to the JSON). How timings are
+taken: `warmup` untimed rounds, then `reps` rounds in which the variants being compared take turns (round-robin,
+the first one rotating each round), so that slow phases of a shared machine fall on all variants alike; a
+variant's figure is the median of its rounds; on a GPU, torch.cuda.synchronize before and after every timed
+call. Absolute times on a shared machine are noisy: read the ratios of variants timed side by side in one run
+(step reports the median and the range of the per-round ratio STEM/SwiGLU).
+
+Training steps (step, vocab, gpu) are train.py's own: a run-state from train.configure, train.build_model and
+train.build_optimizers, and train.train_step fed by train.micro_batches with bench's batches (Shakespeare
+val.bin tokens where prepared, else Zipfian ids). step and vocab run each group of variants in a fresh child
+process, so that a dense table's gradient (allocated and freed every step) or an out-of-memory kill cannot
+disturb anything else. quality runs train.py itself, once per variant.
+--what=gpu without CUDA exits at once with a one-line error (status 1).
 """
 
-import ast
-import gc
+import dataclasses
 import json as jsonlib
 import math
+import multiprocessing
 import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+import configurator
 import stem_ops
 import stem_sparse
-from model import GPT, GPTConfig, MoE, STEM, SwiGLU
-from stem_offload import OffloadedStemTable
+import train
+from configurator import ConfigError
+from model import GPT, GPTConfig, MoE, STEM, StemRows, SwiGLU
 
 # ----------------------------------------------------------------------------------------------------------
-# settings (--key=value)
-what = "all"  # all (everything but quality), or one of: ffn step vocab gather sample capacity offload quality
-device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
-reps = 0  # timed rounds per measurement; 0: each measurement's own default (fewer where a call takes seconds)
-warmup = 1  # untimed rounds first
+# settings (config/*.py files and --key=value, see configurator.py; python bench.py --help lists them)
+what = "all"  # all (all but quality and gpu) or one of: ffn step vocab gather sample capacity offload quality gpu
+device = "cuda" if torch.cuda.is_available() else "cpu"  # where ffn..offload run; gpu always uses cuda
+dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"  # or float32
+reps = 0  # timed rounds per measurement; 0: each one's own default (fewer where a call takes seconds)
+warmup = 1  # untimed rounds first (gpu: at least 3 training steps, for torch.compile)
 threads = 0  # torch CPU threads; 0: torch's default (one per core). On a busy machine 1 is far steadier
 seed = 1337
 data_dir = "data/shakespeare"  # val.bin from `python prepare.py`; without it, Zipfian token ids stand in
-json = ""  # write the results here as JSON
+json = ""  # write the results here; gpu's default: $OUT/bench_gpu.json if OUT is set, else bench_gpu.json
 tiny = False  # toy shapes everywhere: the smoke test, and a quick check that everything runs
-profile = False  # ffn: also a torch.profiler table of where each FFN's time goes
-only = ""  # internal: the variants one child process of step/vocab times, e.g. "swiglu@50304,stem_sparse@50304"
-# quality: train.py runs
-quality_config = "config/quality_shakespeare.py"  # the shared small config; the variants differ only in ffn
-quality_out = "out/quality"  # each variant trains in quality_out/<variant>
-quality_extra = ""  # more train.py settings for every variant, e.g. "--max_iters=100" (space separated)
-# projections for offload (there is no GPU here to measure them on)
-pcie_gb_s = 25.0  # PCIe 4.0 x16, effective, each direction
-peak_tflops = 989.0  # H100 SXM dense bf16
-mfu_assumed = 0.40
+profile = False  # ffn, step: also a torch.profiler table of where each variant's time goes
+quality_config = "config/quality_shakespeare.py"  # quality: the shared train.py config; variants differ in ffn
+quality_out = "out/quality"  # quality: each variant trains in quality_out/<variant>
+quality_extra = ""  # quality: more train.py settings for every variant, e.g. "--max_iters=100" (space separated)
+pcie_gb_s = 25.0  # offload projection: host<->GPU copy speed, each direction (PCIe 4.0 x16, effective)
+peak_tflops = 989.0  # offload projection: the GPU's dense bf16 peak (H100 SXM)
+mfu_assumed = 0.40  # offload projection: the model FLOPs utilisation the step's compute is projected at
 # ----------------------------------------------------------------------------------------------------------
-SETTINGS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (int, float, bool, str)}
-WHATS = ("ffn", "step", "vocab", "gather", "sample", "capacity", "offload", "quality")
+DEFAULTS = configurator.defaults_of(globals())
 GPT2_VOCAB = 50304
-LR = 3e-4
-
-
-def parse_args(argv):
-    """nanoGPT-style --key=value overrides; an unknown key or a value of the wrong type is an error."""
-    settings = dict(SETTINGS)
-    for arg in argv:
-        key, eq, text = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
-        if not eq:
-            raise SystemExit(f"bench.py: cannot use {arg!r}: give --key=value (keys: {', '.join(SETTINGS)})")
-        if key not in SETTINGS:
-            raise SystemExit(f"bench.py: unknown key --{key} (keys: {', '.join(SETTINGS)})")
-        expected = type(SETTINGS[key])
-        if expected is str:
-            value = text
-        else:
-            try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                value = text
-            if expected is float and type(value) is int:
-                value = float(value)
-        if type(value) is not expected:
-            raise SystemExit(f"bench.py: --{key} must be {expected.__name__}, got {text!r}")
-        settings[key] = value
-    if settings["what"] not in ("all",) + WHATS:
-        raise SystemExit(f"bench.py: --what must be all or one of {', '.join(WHATS)}")
-    return settings
+LR = 6e-4  # the learning rate of every timed training step
 
 
 def log(msg):
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
-
-# ----------------------------------------------------------------------------------------------------------
-# timing
 
 def dev():
     return torch.device(device)
@@ -110,23 +87,23 @@ def sync():
 
 
 def autocast():
-    if dtype == "float32":
-        return nullcontext()
-    return torch.autocast(dev().type, dtype=getattr(torch, dtype))
+    return nullcontext() if dtype == "float32" else torch.autocast(dev().type, dtype=getattr(torch, dtype))
 
 
-def time_round_robin(fns, n_reps, n_warmup=None):
-    """Median seconds per call of each fn. Every round calls each fn once, starting one further along each
-    time, so slow phases of a shared machine fall on all variants alike. Returns (medians, all times)."""
+def n_reps(cpu_default, gpu_default=20):
+    return reps or (2 if tiny else gpu_default if dev().type == "cuda" else cpu_default)
+
+
+def time_round_robin(fns, rounds, n_warmup=None):
+    """Seconds per call of each fn: (medians, every round's times). Round r calls every fn once, starting at
+    the r-th, so a slow phase of the machine falls on all of them alike."""
     names = list(fns)
     for _ in range(warmup if n_warmup is None else n_warmup):
         for name in names:
             fns[name]()
-    sync()
     times = {name: [] for name in names}
-    for r in range(n_reps):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
             sync()
             t0 = time.perf_counter()
             fns[name]()
@@ -135,23 +112,8 @@ def time_round_robin(fns, n_reps, n_warmup=None):
     return {name: statistics.median(t) for name, t in times.items()}, times
 
 
-def n_reps(cpu_default, gpu_default=20):
-    if reps:
-        return reps
-    if tiny:
-        return 2
-    return gpu_default if dev().type == "cuda" else cpu_default
-
-
-def available_memory():
-    """Bytes free for this process's tensors: GPU memory on CUDA, else the kernel's MemAvailable."""
-    if dev().type == "cuda":
-        return torch.cuda.mem_get_info(dev())[0]
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return float("inf")
+def ratio(a, b):
+    return None if a is None or not b else a / b
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -160,10 +122,18 @@ def available_memory():
 _tokens = {}
 
 
+def has_data():
+    return os.path.exists(os.path.join(data_dir, "val.bin"))
+
+
+def source():
+    return "Shakespeare validation text" if has_data() else "Zipfian ids (no data prepared)"
+
+
 def text_tokens(vocab):
-    """The validation split as an int64 tensor of ids < vocab. A vocab smaller than the data's tokenizer
-    renumbers ids by frequency (the most common token is 0) and folds the rare tail modulo vocab, which keeps
-    the Zipfian shape. Without prepared data: 500k ids drawn from a Zipf law (exponent 1.1)."""
+    """The validation split as int64 ids < vocab. A vocab smaller than the data's renumbers ids by frequency
+    (the most common is 0) and folds the rare tail modulo vocab, keeping the Zipfian shape. Without prepared
+    data: 500k ids drawn from a Zipf law (exponent 1.1)."""
     if vocab not in _tokens:
         path = os.path.join(data_dir, "val.bin")
         if os.path.exists(path):
@@ -181,201 +151,16 @@ def text_tokens(vocab):
     return _tokens[vocab]
 
 
-def has_data():
-    return os.path.exists(os.path.join(data_dir, "val.bin"))
-
-
-def text_batches(n, B, T, vocab, seed_offset=0):
-    """n batches (x, y) of B random windows of T tokens (y is x shifted by one), on the device."""
+def host_batches(n, B, T, vocab, offset=0):
+    """n batches (x, y) of B random windows of T tokens, y = x shifted by one, in host memory."""
     data = text_tokens(vocab)
-    g = torch.Generator().manual_seed(seed + seed_offset)
-    out = []
-    for _ in range(n):
-        starts = torch.randint(len(data) - T - 1, (B,), generator=g).tolist()
-        x = torch.stack([data[s:s + T] for s in starts])
-        y = torch.stack([data[s + 1:s + T + 1] for s in starts])
-        out.append((x.to(dev()), y.to(dev())))
-    return out
+    starts = torch.randint(len(data) - T - 1, (n, B), generator=torch.Generator().manual_seed(seed + offset))
+    return [(torch.stack([data[s:s + T] for s in row]), torch.stack([data[s + 1:s + T + 1] for s in row]))
+            for row in starts.tolist()]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# models and training steps
-
-def gpt_config(ffn, vocab, n_layer, n_embd, d_ff=None, block_size=1024, stem_layers=None):
-    return GPTConfig(vocab_size=vocab, block_size=block_size, n_layer=n_layer, n_head=max(1, n_embd // 64),
-                     n_embd=n_embd, d_ff=d_ff, ffn=ffn, stem_layers=stem_layers)
-
-
-def build(config):
-    torch.manual_seed(seed)
-    with torch.device(dev()):  # built where it runs: no host copy of a multi-GB table first
-        return GPT(config)
-
-
-class Trainer:
-    """One training step of one variant, as train.py takes it: forward under autocast, backward, the STEM row
-    gradients merged, clipping over dense and row gradients together, AdamW, the row-wise AdamW.
-    stem_optim "sparse": the batch's distinct rows are a leaf tensor (stem_sparse.SparseRowAdamW; or
-    stem_offload.OffloadedStemTable with offload=True); "dense": the whole table is a parameter of AdamW."""
-
-    def __init__(self, model, stem_optim="sparse", offload=False, batches=()):
-        self.model, self.rows_opt = model, None
-        sparse = model.stem_table is not None and stem_optim == "sparse"
-        if sparse and offload:
-            model.stem_table_on_host = True
-            self.rows_opt = OffloadedStemTable(model.stem_table, dev())
-        elif sparse:
-            self.rows_opt = stem_sparse.SparseRowAdamW(model.stem_table)
-            if dev().type == "cpu":
-                lazy_zero_moments(self.rows_opt, batches)
-        self.opt = model.configure_optimizers(0.1, LR, (0.9, 0.95), dev().type, include_stem_table=not sparse)
-        self.params = [p for group in self.opt.param_groups for p in group["params"]]
-        self.phases = {} if profile else None  # --profile=True: seconds per phase of each step
-
-    def mark(self, phase):
-        """With --profile, the time since the last mark goes to phase (synchronising a GPU to measure it)."""
-        if self.phases is not None:
-            sync()
-            now = time.perf_counter()
-            if phase is not None:
-                self.phases.setdefault(phase, []).append(now - self.t_mark)
-            self.t_mark = now
-
-    def step(self, x, y, next_x=None):
-        self.mark(None)
-        rows = self.rows_opt.lookup(x) if self.rows_opt is not None else None
-        if next_x is not None:
-            self.rows_opt.prefetch(next_x)  # as train.py does: the next batch's rows start moving now
-        self.mark("STEM rows: lookup")
-        with autocast():
-            _, loss, aux = self.model(x, y, stem_rows=rows, return_aux=True)
-        self.mark("forward")
-        (loss + aux).backward()
-        self.mark("backward")
-        if self.rows_opt is not None:
-            self.rows_opt.accumulate(rows)
-            self.rows_opt.sync()
-        self.mark("STEM rows: merge gradients")
-        if self.model.stem_table is not None and self.rows_opt is None:
-            # a dense table: torch's clip, since stem_sparse.clip_grad_norm_ (train.py's) squares each gradient
-            # into a temporary, for the table one more table-sized tensor than this machine can hold
-            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        else:
-            stem_sparse.clip_grad_norm_(self.params, 1.0, self.rows_opt)
-        self.mark("clip")
-        self.opt.step()
-        self.mark("AdamW")
-        if self.rows_opt is not None:
-            self.rows_opt.step(LR)
-        self.mark("STEM rows: row AdamW")
-        self.opt.zero_grad(set_to_none=True)
-        self.mark("zero_grad")
-        return loss
-
-
-def lazy_zero_moments(rows_opt, batches):
-    """On a CPU, swap the row optimizer's zero-filled Adam moments (2 x the table) for zeros the kernel
-    commits only where written (numpy's zeros come from calloc: fresh, untouched pages), then write the rows
-    of the batches the benchmark will use, so their pages are in place as zeros_like's would be (a first
-    write to a fresh page costs a page fault: ~0.4 s per step at GPT-2-small's rows, not a cost of training).
-    The arithmetic is the same, and a GPT-2-small STEM model (table 4.5 GB, moments 9 GB) fits beside SwiGLU
-    and MoE on a 23 GB machine."""
-    ids = torch.unique(torch.cat([x.flatten() for x, _ in batches])) if batches else None
-    for name in ("exp_avg", "exp_avg_sq"):
-        shape = tuple(getattr(rows_opt, name).shape)
-        setattr(rows_opt, name, None)  # free the filled one first
-        moments = torch.from_numpy(np.zeros(shape, dtype=np.float32))
-        if ids is not None:
-            moments.index_fill_(0, ids, 0.0)
-        setattr(rows_opt, name, moments)
-
-
-def step_shape(kind):
-    """(n_layer, n_embd, d_ff, batch, seq_len) of the step and vocab measurements on this device."""
-    if tiny:
-        return 2, 64, 128, 2, 32
-    if kind == "step" or dev().type == "cuda":
-        return (12, 768, 2048, 8, 1024) if dev().type == "cuda" else (12, 768, 2048, 4, 256)
-    # vocab on a CPU: a 131072 x 3 x 704 table trains densely in ~6 GB; GPT-2 small's would need ~60 GB
-    return 4, 256, 704, 4, 256
-
-
-def step_memory(specs, kind):
-    """Rough peak bytes of a group of variants in one process: weights, gradients and AdamW moments of each,
-    plus the activations of one step. A sparse table costs itself (its moments are only touched rows on a
-    CPU, see lazy_zero_moments) or 3x on a GPU; a dense one 5x: weights and two moments, plus its gradient
-    twice during the backward (one piece per STEM layer, then their concatenation)."""
-    n_layer, n_embd, d_ff, B, T = step_shape(kind)
-    total, activations = 0, 0
-    for spec in specs:
-        variant, vocab = spec.split("@")
-        with torch.device("meta"):
-            model = GPT(gpt_config(variant.split("_")[0], int(vocab), n_layer, n_embd, d_ff, block_size=T))
-        table = model.stem_table.numel() if model.stem_table is not None else 0
-        per_entry = {"stem_sparse": 4 if dev().type == "cpu" else 12, "stem_dense": 20}.get(variant, 0)
-        total += 16 * (model.num_params() - table) + per_entry * table
-        activations = max(activations, B * T * (4 * int(vocab) + n_layer * (6 * d_ff + 12 * n_embd)) * 4)
-    return total + activations
-
-
-def step_timings(kind, specs):
-    """Times full training steps of each spec ("variant@vocab"; variants swiglu, moe, stem_sparse,
-    stem_dense) side by side in this process. Returns per spec: median ms and the accounting."""
-    n_layer, n_embd, d_ff, B, T = step_shape(kind)
-    need, free = step_memory(specs, kind), available_memory()
-    if need > 0.9 * free:
-        reason = f"needs ~{need / 1e9:.1f} GB, {free / 1e9:.1f} GB free"
-        log(f"{kind}: not running {', '.join(specs)}: {reason}")
-        return {s: {"skipped": reason} for s in specs}
-    trainers, info, data = {}, {}, {}
-    for spec in specs:
-        variant, vocab = spec.split("@")
-        log(f"{kind}: building {spec} ({n_layer} layers, n_embd {n_embd}, d_ff {d_ff}, batch {B} x {T})")
-        model = build(gpt_config(variant.split("_")[0], int(vocab), n_layer, n_embd, d_ff, block_size=T))
-        data[spec] = text_batches(4, B, T, int(vocab))
-        trainers[spec] = Trainer(model, "dense" if variant == "stem_dense" else "sparse", batches=data[spec])
-        info[spec] = {"params": model.num_params(), "active": model.active_params_per_token(),
-                      "flops_per_token": model.flops_per_token(T), "tokens": B * T}
-    counters = {s: 0 for s in specs}
-
-    def one_step(spec):
-        def go():
-            x, y = data[spec][counters[spec] % len(data[spec])]
-            counters[spec] += 1
-            trainers[spec].step(x, y)
-        return go
-
-    log(f"{kind}: timing {', '.join(specs)}")
-    medians, times = time_round_robin({s: one_step(s) for s in specs}, n_reps(3, 10))
-    for spec in specs:
-        tps = info[spec]["tokens"] / medians[spec]
-        mfu = trainers[spec].model.estimate_mfu(tps, dev(), seq_len=T)
-        info[spec].update(ms=medians[spec] * 1e3, times_ms=[t * 1e3 for t in times[spec]], tokens_per_s=tps,
-                          mfu=mfu)
-        if profile:  # the timed steps' phases (the warm-up's come first)
-            info[spec]["phases_ms"] = {k: statistics.median(v[-len(times[spec]):]) * 1e3
-                                       for k, v in trainers[spec].phases.items()}
-    return info
-
-
-def run_child(kind, specs):
-    """step_timings(kind, specs) in a fresh Python process; returns its per-spec results (or the error)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "child.json")
-        args = [sys.executable, os.path.abspath(__file__), f"--what={kind}", f"--only={','.join(specs)}",
-                f"--json={out}", f"--device={device}", f"--dtype={dtype}", f"--reps={reps}", f"--warmup={warmup}",
-                f"--seed={seed}", f"--data_dir={data_dir}", f"--tiny={tiny}", f"--threads={threads}",
-                f"--profile={profile}"]
-        proc = subprocess.run(args, stdout=subprocess.DEVNULL)
-        if proc.returncode != 0 or not os.path.exists(out):
-            why = "killed: out of memory?" if proc.returncode == -9 else f"exit code {proc.returncode}"
-            return {s: {"skipped": f"child process failed ({why})"} for s in specs}
-        with open(out) as f:
-            return jsonlib.load(f)[kind]["raw"]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# results: a markdown table each
+# results: a markdown table each, and the same rows in the JSON
 
 def result(name, title, columns, rows, notes=(), raw=None):
     return {"name": name, "title": title, "columns": columns, "rows": rows, "notes": list(notes), "raw": raw}
@@ -384,38 +169,152 @@ def result(name, title, columns, rows, notes=(), raw=None):
 def fmt(v):
     if v is None:
         return "n/a"
-    if isinstance(v, bool) or isinstance(v, str):
+    if isinstance(v, (bool, str)):
         return str(v)
     if isinstance(v, int):
         return f"{v:,}"
     if not math.isfinite(v):
         return str(v)
     a = abs(v)
-    return f"{v:,.0f}" if a >= 1000 else f"{v:.1f}" if a >= 100 else f"{v:.2f}" if a >= 1 else f"{v:.3f}"
+    return f"{v:,.0f}" if a >= 1000 else f"{v:.1f}" if a >= 100 else f"{v:.2f}" if a >= 1 else f"{v:.3g}"
 
 
 def print_result(res):
-    print(f"\n### {res['title']}\n")
-    print("| " + " | ".join(res["columns"]) + " |")
-    print("|" + "|".join("---" for _ in res["columns"]) + "|")
+    print(f"\n### {res['title']}\n\n| " + " | ".join(res["columns"]) + " |\n|" + "---|" * len(res["columns"]))
     for row in res["rows"]:
         print("| " + " | ".join(fmt(v) for v in row) + " |")
     if res["notes"]:
-        print()
-        for note in res["notes"]:
-            print(f"- {note}")
+        print("\n" + "\n".join(f"- {note}" for note in res["notes"]))
     sys.stdout.flush()
 
 
 def machine():
     if dev().type == "cuda":
         return torch.cuda.get_device_name(dev())
-    return (f"CPU, {torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} "
-            f"cores")
+    return f"CPU, {torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
 
 
-def ratio(a, b):
-    return None if a is None or b is None or not b else a / b
+def failed(name, title, error):
+    return result(name, f"{title}: failed", ["error"], [[error]])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# training steps through train.py's code
+
+def train_cfg(**settings):
+    """train.py's run-state for these settings, made as its main() makes it: configure, validate, setup."""
+    argv = [f"--{k}={v}" for k, v in {"device": device, "dtype": dtype, "seed": seed, **settings}.items()]
+    cfg = train.configure(argv)
+    train.validate(cfg)
+    train.setup_distributed(cfg)
+    return cfg
+
+
+def trainer(batches, **settings):
+    """A model and optimizers as train.py builds them; .step() is one train.train_step -> (loss, grad norm),
+    fed by train.micro_batches with `batches` (host (x, y) pairs) in turn."""
+    cfg = train_cfg(**settings)
+    model = train.build_model(cfg)
+    optimizer, rows_opt = train.build_optimizers(cfg, model)
+    if rows_opt is not None and cfg.device_type == "cpu" and not cfg.stem_offload:
+        lazy_zero_moments(rows_opt, batches)
+    compiled = torch.compile(model) if cfg.compile else model
+
+    def draw(step, micro):  # as train.get_batch hands a batch over: (x on the host, x, y on the device)
+        x, y = batches[(step * cfg.micro_steps + micro) % len(batches)]
+        if cfg.device_type == "cuda":
+            return x, x.pin_memory().to(cfg.device, non_blocking=True), y.pin_memory().to(cfg.device, non_blocking=True)
+        return x, x, y
+
+    stream = train.micro_batches(cfg, rows_opt, 0, draw=draw)
+    return SimpleNamespace(cfg=cfg, model=model, rows_opt=rows_opt, losses=[],
+                           step=lambda: train.train_step(cfg, compiled, optimizer, rows_opt, stream, LR))
+
+
+def lazy_zero_moments(rows_opt, batches):
+    """On a CPU, swap the row AdamW's zero-filled moments (2 x the table, every page written) for zeros the kernel
+    commits only where written (numpy's come from calloc), then write the rows of the batches to be used, so their
+    pages exist as zeros_like's would. Same arithmetic; a GPT-2-small STEM model (table 4.5 GB, moments 9 GB)
+    then fits beside SwiGLU and MoE in 23 GB, and no step pays a first-touch page fault."""
+    ids = torch.unique(torch.cat([x.flatten() for x, _ in batches]))
+    for name in ("exp_avg", "exp_avg_sq"):
+        shape = tuple(getattr(rows_opt, name).shape)
+        setattr(rows_opt, name, None)  # free the filled one first
+        setattr(rows_opt, name, torch.from_numpy(np.zeros(shape, dtype=np.float32)).index_fill_(0, ids, 0.0))
+
+
+def step_shape(kind):
+    """(n_layer, n_embd, d_ff, batch, seq_len). vocab uses a smaller model: a dense 131072-row table at
+    GPT-2-small's shape would need ~60 GB."""
+    if tiny:
+        return 2, 64, 128, 2, 32
+    if kind == "vocab":
+        return 4, 256, 704, 4, 256
+    return (12, 768, 2048, 8, 1024) if dev().type == "cuda" else (12, 768, 2048, 4, 256)
+
+
+def model_settings(variant, vocab, kind):
+    n_layer, n_embd, d_ff, B, T = step_shape(kind)
+    return dict(ffn=variant.split("_")[0], stem_optim="dense" if variant == "stem_dense" else "sparse",
+                vocab_size=vocab, n_layer=n_layer, n_head=max(1, n_embd // 64), n_embd=n_embd, d_ff=d_ff,
+                batch_size=B, block_size=T)
+
+
+def time_steps(kind, specs):
+    """Training steps of each spec ("variant@vocab"; variants stem (sparse table), stem_dense, swiglu, moe),
+    round-robin in this process. Per spec: median ms, every round's ms, tokens/s, MFU, accounting, last loss."""
+    B, T = step_shape(kind)[3:]
+    runs, out = {}, {}
+    for spec in specs:
+        variant, vocab = spec.split("@")
+        log(f"{kind}: building {spec}")
+        runs[spec] = trainer(host_batches(4, B, T, int(vocab)), **model_settings(variant, int(vocab), kind))
+    log(f"{kind}: timing {', '.join(specs)}")
+    medians, times = time_round_robin({s: (lambda r=r: r.losses.append(r.step()[0])) for s, r in runs.items()},
+                                      n_reps(3, 10))
+    for spec, run in runs.items():
+        m, tps = run.model, B * T / medians[spec]
+        out[spec] = {"ms": medians[spec] * 1e3, "times_ms": [t * 1e3 for t in times[spec]], "tokens_per_s": tps,
+                     "mfu": m.estimate_mfu(tps, dev(), seq_len=T), "params": m.num_params(),
+                     "active": m.active_params_per_token(), "flops_per_token": m.flops_per_token(T),
+                     "loss": run.losses[-1]}
+    if profile:
+        out["profile"] = profile_ops({s: r.step for s, r in runs.items()}, f"{kind} profile")
+    return out
+
+
+def _in_child(settings, fn_name, args):
+    apply(settings)
+    return globals()[fn_name](*args)
+
+
+def isolated(fn, *args):
+    """fn(*args) in a fresh Python process with this run's settings; {"error": ...} if it fails or is killed."""
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(_in_child, {k: globals()[k] for k in DEFAULTS}, fn.__name__, args).result()
+    except Exception as e:  # BrokenProcessPool when the child was killed (out of memory?), or its own error
+        return {"error": f"{type(e).__name__}: {e}".strip()}
+
+
+def profile_ops(fns, title, calls=3):
+    """Self time per aten op (CPU time on a CPU, kernel time on a GPU) of each fn, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    cuda = dev().type == "cuda"
+    per_op = {}
+    for name, fn in fns.items():
+        with torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            for _ in range(calls):
+                fn()
+            sync()
+        for e in prof.key_averages():
+            t = (e.self_device_time_total if cuda else e.self_cpu_time_total) / calls / 1e3
+            if e.key.startswith("aten::") and t > 0:
+                per_op.setdefault(e.key, {})[name] = t
+    rows = [[op] + [per_op[op].get(n) for n in fns] for op in sorted(per_op, key=lambda k: -max(per_op[k].values()))[:14]]
+    rows.append(["all aten ops"] + [sum(per_op[op].get(n, 0) for op in per_op) for n in fns])
+    return result(title.replace(" ", "_"), f"{title}: self time per op, ms per call (torch.profiler)",
+                  ["op"] + list(fns), rows, [f"{machine()}; mean over {calls} calls after the timed rounds"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -426,29 +325,29 @@ def ffn_flop_ratios(d_model, d_ff, vocab):
     counts = {}
     for ffn in ("swiglu", "stem", "moe"):
         with torch.device("meta"):
-            m = GPT(gpt_config(ffn, vocab, 1, d_model, d_ff, block_size=64, stem_layers=[0]))
+            m = GPT(GPTConfig(vocab_size=vocab, block_size=64, n_layer=1, n_head=max(1, d_model // 64),
+                              n_embd=d_model, d_ff=d_ff, ffn=ffn, stem_layers=[0]))
         counts[ffn] = m.matmul_params_per_token() - m.lm_head.weight.numel() - 4 * d_model * d_model
     return {k: v / counts["swiglu"] for k, v in counts.items()}
 
 
 def bench_ffn():
-    d_model, d_ff, B, T, vocab = (64, 128, 4, 64, 1024) if tiny else (768, 2048, 8, 256, GPT2_VOCAB)
+    d, f, B, T, vocab = (64, 128, 4, 64, 1024) if tiny else (768, 2048, 8, 256, GPT2_VOCAB)
+    cfg = GPTConfig(vocab_size=vocab, n_layer=1, n_head=max(1, d // 64), n_embd=d, d_ff=f, stem_layers=[0])
+    moe_cfg = dataclasses.replace(cfg, ffn="moe", stem_layers=None)
     torch.manual_seed(seed)
-    stem_cfg = gpt_config("stem", vocab, 1, d_model, d_ff, stem_layers=[0])
-    moe_cfg = gpt_config("moe", vocab, 1, d_model, d_ff)
     with torch.device(dev()):
-        swiglu, stem, moe = SwiGLU(d_model, d_ff), STEM(stem_cfg, "stem"), MoE(moe_cfg)
-        table = torch.nn.init.xavier_normal_(torch.empty(vocab, d_ff))  # one layer's table, as GPT inits it
-        x = torch.randn(B, T, d_model, requires_grad=True)
-        grad_y = torch.randn(B, T, d_model)
-    batches = [xb for xb, _ in text_batches(8, B, T, vocab)]
-    uniques = [int(torch.unique(b).numel()) for b in batches]
-    step = [0]
+        swiglu, stem, moe = SwiGLU(d, f), STEM(cfg, 0), MoE(moe_cfg)
+        table = torch.nn.Parameter(torch.nn.init.xavier_normal_(torch.empty(vocab, f)))  # one layer's, as GPT's
+        x = torch.randn(B, T, d, requires_grad=True)
+        grad_y = torch.randn(B, T, d)
+    lookup = stem_sparse.SparseRowAdamW(table).lookup  # the sparse trainer's per-batch work: unique, rows leaf
+    batches = [xb.to(dev()) for xb, _ in host_batches(8, B, T, vocab)]
+    calls = [0]
 
     def clear(module):
         x.grad = None
-        for p in module.parameters():
-            p.grad = None
+        module.zero_grad(set_to_none=True)
 
     def run_swiglu():
         clear(swiglu)
@@ -464,579 +363,528 @@ def bench_ffn():
 
     def run_stem(kernel):
         def go():
-            # what a training step does for a STEM layer: dedup the batch's ids, the compact rows as a leaf
-            # that takes gradients, the sorted segments for the backward's per-row sums, as GPT.forward does
             clear(stem)
-            idx = batches[step[0] % len(batches)]
-            step[0] += 1
-            ids, inverse = torch.unique(idx, return_inverse=True)
-            rows = table.index_select(0, ids).requires_grad_(True)
-            segments = stem_ops.row_segments(inverse, ids.numel())
+            rows = lookup(batches[calls[0] % len(batches)])
+            calls[0] += 1
             with autocast():
-                y = stem(x, rows, inverse, kernel, segments)
+                y = stem(x, dataclasses.replace(rows, layers=(rows.rows,), fused=stem_ops.use_triton(kernel, dev())))
             y.backward(grad_y)
         return go
 
-    kernels = ["torch", "triton"] if dev().type == "cuda" and stem_ops.triton is not None else ["torch"]
-    fns = {"swiglu": run_swiglu}
-    fns.update({f"stem/{k}": run_stem(k) for k in kernels})
+    fns = {"swiglu": run_swiglu, "stem/torch": run_stem("torch")}
+    if dev().type == "cuda" and stem_ops.triton is not None:
+        fns["stem/triton"] = run_stem("triton")
     fns["moe"] = run_moe
-    log(f"ffn: timing {', '.join(fns)} at d_model {d_model}, d_ff {d_ff}, {B * T} tokens")
+    log(f"ffn: timing {', '.join(fns)} at d_model {d}, d_ff {f}, {B * T} tokens")
     medians, times = time_round_robin(fns, n_reps(10, 50))
-    flops = ffn_flop_ratios(d_model, d_ff, vocab)
-    rows = []
-    for name, t in medians.items():
-        ffn, _, kernel = name.partition("/")
-        rows.append([ffn, kernel or "-", t * 1e3, ratio(t, medians["swiglu"]), flops[ffn]])
-    notes = [f"{machine()}, {dtype}; d_model {d_model}, d_ff {d_ff}, {B} x {T} = {B * T} tokens; forward + "
-             f"backward (gradients for x and every weight); median of {n_reps(10, 50)} interleaved rounds",
-             f"STEM includes the per-batch work of a training step: torch.unique of the ids (from "
-             f"{'the Shakespeare validation text' if has_data() else 'a Zipf law (no data prepared)'}, "
-             f"{statistics.mean(uniques):.0f} distinct of {B * T} on average), the compact rows as a leaf "
-             f"requiring grad, stem_ops.row_segments; one layer's {vocab} x {d_ff} table",
-             f"MoE: {moe_cfg.n_expert} experts of d_ff/{moe_cfg.moe_top_k}, top-{moe_cfg.moe_top_k}, loop over "
+    flops = ffn_flop_ratios(d, f, vocab)
+    rows = [[name.split("/")[0], (name.split("/") + ["-"])[1], t * 1e3, ratio(t, medians["swiglu"]),
+             flops[name.split("/")[0]]] for name, t in medians.items()]
+    distinct = statistics.mean(torch.unique(b).numel() for b in batches)
+    notes = [f"{machine()}, {dtype}; d_model {d}, d_ff {f}, {B} x {T} = {B * T} tokens; forward + backward "
+             f"(gradients for x and every weight); median of {n_reps(10, 50)} interleaved rounds",
+             f"STEM is model.STEM fed a StemRows from stem_sparse.SparseRowAdamW.lookup (torch.unique of the ids, the "
+             f"compact rows as a leaf requiring grad), as in a training step: {source()}, {distinct:.0f} distinct "
+             f"ids of {B * T} on average; one layer's {vocab} x {f} table",
+             f"MoE: {moe_cfg.n_expert} experts of d_ff/{moe_cfg.moe_top_k}, top-{moe_cfg.moe_top_k}, a loop over "
              f"experts; its FLOP ratio counts the router"]
-    raw = {"ms": {k: v * 1e3 for k, v in medians.items()}, "times_ms": {k: [t * 1e3 for t in v]
-           for k, v in times.items()}, "distinct_ids": uniques}
     res = result("ffn", "ffn: one FFN layer, forward + backward",
-                 ["FFN", "kernel", "ms (median)", "ratio to SwiGLU", "FLOP ratio (model accounting)"],
-                 rows, notes, raw)
-    return [res, profile_ops(fns)] if profile else res
-
-
-def profile_ops(fns, calls=3):
-    """Self time per op (CPU time on a CPU, kernel time on a GPU) of each fn, from torch.profiler: where a
-    ratio that misses the FLOP ratio loses its time."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-    cuda = dev().type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    per_op = {}
-    for name, fn in fns.items():
-        with torch_profile(activities=activities) as prof:
-            for _ in range(calls):
-                fn()
-            sync()
-        for e in prof.key_averages():
-            t = (e.self_device_time_total if cuda else e.self_cpu_time_total) / calls / 1e3
-            if e.key.startswith("aten::") and t > 0:
-                per_op.setdefault(e.key, {})[name] = t
-    top = sorted(per_op, key=lambda k: -max(per_op[k].values()))[:14]
-    rows = [[op] + [per_op[op].get(name) for name in fns] for op in top]
-    rows.append(["all aten ops"] + [sum(per_op[op].get(name, 0) for op in per_op) for name in fns])
-    return result("ffn_profile", "ffn profile: self time per op, ms per call (torch.profiler)",
-                  ["op"] + list(fns), rows, [f"{machine()}; mean over {calls} calls after the timed rounds"])
+                 ["FFN", "kernel", "ms (median)", "ratio to SwiGLU", "FLOP ratio (model accounting)"], rows, notes,
+                 {"times_ms": {k: [t * 1e3 for t in v] for k, v in times.items()}, "flop_ratios": flops})
+    return [res, profile_ops(fns, "ffn profile")] if profile else res
 
 
 # ----------------------------------------------------------------------------------------------------------
 # step: a full training step per FFN type; vocab: the same as the vocabulary grows
 
-def step_groups(vocab):
-    """Variants timed together, one child process per group: STEM (sparse), SwiGLU and MoE side by side if
-    they fit in free memory, else each with SwiGLU beside it; the dense table in a process of its own."""
-    main = [f"{v}@{vocab}" for v in ("stem_sparse", "swiglu", "moe")]  # the big table first: see lazy_zero_moments
-    if step_memory(main, "step") < 0.85 * available_memory():
-        groups = [main]
-    else:
-        groups = [main[:2], main[1:]]
-    return groups + [[f"stem_dense@{vocab}"]]
-
-
 def bench_step():
-    if only:
-        return result("step", "step (child)", [], [], raw=step_timings("step", only.split(",")))
     vocab = 1024 if tiny else GPT2_VOCAB
     n_layer, n_embd, d_ff, B, T = step_shape("step")
-    rows, raw, reference = [], {}, None
-    for g, group in enumerate(step_groups(vocab)):
-        got = run_child("step", group)
-        swiglu = got.get(f"swiglu@{vocab}", {}).get("ms")
-        reference = reference or swiglu
-        for spec in group:
-            r = got[spec]
-            raw[f"{spec}#{g + 1}"] = r
-            variant = spec.split("@")[0]
-            if variant == "swiglu" and g > 0:
-                continue  # the reference of a later group: in its ratio, not a row of its own
-            if "skipped" in r:
-                rows.append([variant, g + 1, "not run: " + r["skipped"]] + [None] * 6)
-                continue
-            flop = ratio(r["flops_per_token"], flops_of(vocab, "swiglu"))
-            rows.append([variant, g + 1 if swiglu else f"{g + 1} (vs group 1)", r["ms"], r["tokens_per_s"],
-                         None if r["mfu"] is None else f"{r['mfu']:.1%}", ratio(r["ms"], swiglu or reference), flop,
-                         r["params"] / 1e6, r["active"] / 1e6])
-    notes = [f"{machine()}, {dtype}; {n_layer} layers, n_embd {n_embd}, d_ff {d_ff}, vocab {vocab}, default "
-             f"stem_layers (1..{n_layer - 1}); batch {B} x {T} tokens of "
-             f"{'Shakespeare validation text' if has_data() else 'Zipfian ids'}; eager (no torch.compile)",
-             f"a step = forward, backward, clip, AdamW (+ row-wise AdamW for stem_sparse); median of "
-             f"{n_reps(3, 10)} rounds after {warmup} warm-up; the variants of a group alternate in one process, "
-             f"and a group's ratios are to the SwiGLU timed in it",
-             "stem_dense: plain AdamW over the whole table (configure_optimizers(include_stem_table=True)) in a "
-             "process of its own, after the others; its ratio is to group 1's SwiGLU"]
+    specs = [f"{v}@{vocab}" for v in ("stem", "swiglu", "moe")]  # the big table first: see lazy_zero_moments
+    got = isolated(time_steps, "step", specs)
+    if "error" in got:
+        return failed("step", "step: one full training step", got["error"])
+    ref = got[f"swiglu@{vocab}"]
+    rows = []
+    for spec in specs:
+        r = got[spec]
+        per_round = [a / b for a, b in zip(r["times_ms"], ref["times_ms"])]
+        r["ratio_per_round"] = per_round
+        rows.append([spec.split("@")[0], r["ms"], r["tokens_per_s"], None if r["mfu"] is None else f"{r['mfu']:.1%}",
+                     statistics.median(per_round), f"{min(per_round):.2f}-{max(per_round):.2f}",
+                     r["flops_per_token"] / ref["flops_per_token"], r["params"] / 1e6, r["active"] / 1e6, r["loss"]])
+    notes = [f"{machine()}, {dtype}; {n_layer} layers, n_embd {n_embd}, d_ff {d_ff}, vocab {vocab}, default stem_layers "
+             f"(1..{n_layer - 1}); batch {B} x {T} tokens of {source()}; eager (no torch.compile)",
+             f"a step = train.train_step (forward, backward, clip, AdamW, + the row-wise AdamW of the sparse table), "
+             f"the three variants alternating in one child process; {n_reps(3, 10)} rounds after {warmup} warm-up; "
+             f"ratio = median over rounds of (variant / SwiGLU in the same round), range = lowest-highest round",
+             "target (issue): STEM/SwiGLU <= 0.90, the median of 3 interleaved rounds"]
     if dev().type == "cpu" and not tiny:
-        notes.append("a GPT-2-small step takes seconds on 2 CPU cores, so few rounds (the shape is the brief's); "
-                     "the sparse table's Adam moments are committed only for the rows of the timed batches "
-                     "(lazy_zero_moments)")
-    res = result("step", "step: one full training step", ["variant", "group", "ms/step", "tokens/s", "MFU",
-                 "ratio to SwiGLU", "FLOP ratio", "params (M)", "active/token (M)"], rows, notes, raw)
-    return [res, phase_table("step", raw)] if profile else res
-
-
-def phase_table(name, raw):
-    """--profile: median ms of each phase of the step, per variant, from Trainer.mark."""
-    specs = [s for s, r in raw.items() if "phases_ms" in r]
-    phases = list(dict.fromkeys(p for s in specs for p in raw[s]["phases_ms"]))
-    rows = [[p] + [raw[s]["phases_ms"].get(p) for s in specs] for p in phases]
-    rows.append(["sum"] + [sum(raw[s]["phases_ms"].values()) for s in specs])
-    return result(f"{name}_phases", f"{name} phases: median ms per phase of a step", ["phase"] + specs, rows,
-                  ["each phase ends with a synchronise on a GPU, so a profiled step runs a little slower"])
-
-
-def flops_of(vocab, ffn, kind="step"):
-    n_layer, n_embd, d_ff, B, T = step_shape(kind)
-    with torch.device("meta"):
-        return GPT(gpt_config(ffn, vocab, n_layer, n_embd, d_ff, block_size=T)).flops_per_token(T)
-
-
-def vocab_groups(vocabs):
-    if dev().type == "cuda":  # GPT-2-small shapes: one vocabulary per process
-        return [[f"{v}@{n}" for v in variants] for n in vocabs for variants in (["swiglu", "stem_sparse"],
-                                                                                 ["stem_dense"])]
-    return [[f"{v}@{n}" for n in vocabs[::-1] for v in ("stem_sparse", "swiglu")],
-            [f"stem_dense@{n}" for n in vocabs]]
+        notes.append("a GPT-2-small step takes seconds on 2 CPU cores, hence few rounds; the row AdamW's moments are "
+                     "committed only for the rows of the timed batches (lazy_zero_moments)")
+    res = result("step", "step: one full training step", ["variant", "ms/step", "tokens/s", "MFU", "ratio to SwiGLU",
+                 "ratio range", "FLOP ratio", "params (M)", "active/token (M)", "last loss"], rows, notes, got)
+    return [res, got.pop("profile")] if profile else res
 
 
 def bench_vocab():
-    if only:
-        return result("vocab", "vocab (child)", [], [], raw=step_timings("vocab", only.split(",")))
     vocabs = (256, 1024, 4096) if tiny else (8192, 50304, 131072)
     n_layer, n_embd, d_ff, B, T = step_shape("vocab")
     raw = {}
-    for group in vocab_groups(vocabs):
-        raw.update(run_child("vocab", group))
+    for group in ([f"{v}@{n}" for n in vocabs[::-1] for v in ("stem", "swiglu")], [f"stem_dense@{n}" for n in vocabs]):
+        got = isolated(time_steps, "vocab", group)
+        raw.update({s: {"error": got["error"]} for s in group} if "error" in got else got)
     ms = {spec: r.get("ms") for spec, r in raw.items()}
-    rows = []
-    first = vocabs[0]
+    rows, first = [], vocabs[0]
     for n in vocabs:
-        sw, sp, de = ms[f"swiglu@{n}"], ms[f"stem_sparse@{n}"], ms[f"stem_dense@{n}"]
-        rows.append([n, sw, sp, de, ratio(sp, sw), ratio(de, sw), ratio(sp, ms[f"stem_sparse@{first}"]),
-                     ratio(sw, ms[f"swiglu@{first}"]), ratio(ratio(sp, sw), ratio(ms[f"stem_sparse@{first}"],
-                                                                              ms[f"swiglu@{first}"])),
+        sw, sp, de = ms[f"swiglu@{n}"], ms[f"stem@{n}"], ms[f"stem_dense@{n}"]
+        rows.append([n, sw, sp, de, ratio(sp, sw), ratio(de, sw),
+                     ratio(ratio(sp, sw), ratio(ms[f"stem@{first}"], ms[f"swiglu@{first}"])),
                      None if None in (sp, sw) else sp - sw, None if None in (de, sw) else de - sw])
-    skipped = sorted({r["skipped"] for r in raw.values() if "skipped" in r})
     notes = [f"{machine()}, {dtype}; {n_layer} layers, n_embd {n_embd}, d_ff {d_ff}, default stem_layers; batch "
-             f"{B} x {T}; ids renumbered by frequency and folded into the vocabulary where it is smaller than "
-             f"GPT-2's; median of {n_reps(3, 10)} rounds"
-             + ("; a CPU cannot hold GPT-2-small tables at 131072 (dense: ~60 GB), hence the small model"
-                if dev().type == "cpu" and not tiny else ""),
-             "every model's token embedding and lm_head grow with the vocabulary; the table's own cost is what "
-             "STEM adds over SwiGLU at the same vocabulary: 'sparse/SwiGLU vs' is the growth with the lm_head's "
-             "share divided out, 'minus SwiGLU' the extra milliseconds",
-             "swiglu and stem_sparse alternate in one process (all vocabularies on a CPU); stem_dense runs in "
-             "another" + (", one vocabulary at a time" if dev().type == "cuda" else "") + ", so its ratios cross "
-             "processes"]
-    notes += [f"not run: {s}" for s in skipped]
+             f"{B} x {T} of {source()}, ids renumbered by frequency and folded where the vocabulary is smaller than "
+             f"GPT-2's; median of {n_reps(3, 10)} rounds of train.train_step",
+             "embedding and lm_head grow with the vocabulary in every model; what the table adds is 'sparse/SwiGLU' "
+             f"and its growth 'vs {first}' (the lm_head's share divided out), or the extra ms",
+             "stem (sparse table) and swiglu alternate in one child process; stem_dense (plain AdamW over the whole "
+             "table) in another, so its ratios cross processes"]
+    notes += [f"{s}: {r['error']}" for s, r in raw.items() if "error" in r]
     return result("vocab", "vocab: training step as the vocabulary grows",
                   ["vocab", "SwiGLU ms", "STEM sparse ms", "STEM dense ms", "sparse/SwiGLU", "dense/SwiGLU",
-                   f"sparse vs {first}", f"SwiGLU vs {first}", f"sparse/SwiGLU vs {first}", "sparse minus SwiGLU ms",
-                   "dense minus SwiGLU ms"],
-                  rows, notes, raw)
+                   f"sparse/SwiGLU vs {first}", "sparse minus SwiGLU ms", "dense minus SwiGLU ms"], rows, notes, raw)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # gather: the table's row gather against a plain copy of the same bytes
 
 def bench_gather():
-    n_layer, n_embd, d_ff, B, T = step_shape("step")
-    vocab = 1024 if tiny else GPT2_VOCAB
-    n_stem = n_layer - 1
-    width = n_stem * d_ff
-    ids, inverse = torch.unique(text_batches(1, B, T, vocab)[0][0], return_inverse=True)
+    n_layer, _, d_ff, B, T = step_shape("step")
+    vocab, width = 1024 if tiny else GPT2_VOCAB, (n_layer - 1) * d_ff
+    ids = torch.unique(host_batches(1, B, T, vocab)[0][0]).to(dev())
     n = ids.numel()
     log(f"gather: {n} rows of a {vocab} x {width} table")
     table = torch.full((vocab, width), 0.01, device=dev())
-    src = table[:n]  # n contiguous rows: the same bytes as the gather, read in one sweep
-    dst = torch.empty(n, width, device=dev())
-    out = torch.empty(n, width, device=dev())
-    row_bytes = n * width * 4
+    src, dst, out = table[:n], torch.empty(n, width, device=dev()), torch.empty(n, width, device=dev())
     fns = {"memcpy (dst.copy_(src))": lambda: dst.copy_(src),
            "index_select into a buffer": lambda: torch.index_select(table, 0, ids, out=out),
            "index_select, new tensor (as lookup())": lambda: table.index_select(0, ids)}
-    moved = dict.fromkeys(fns, 2 * row_bytes)  # bytes read + bytes written
-    if dev().type == "cuda" and stem_ops.triton is not None:
-        # the fused STEM op of one layer reads the gate and its rows and writes the product: what counts is
-        # the compulsory traffic, each distinct row read once
-        gate_dtype = getattr(torch, dtype)
-        gate = torch.randn(B * T, d_ff, device=dev(), dtype=gate_dtype)
-        layer_rows = dst[:, :d_ff]
-        for k in ("triton", "torch"):
-            fns[f"silu_mul_rows forward, {k}, one layer"] = (
-                lambda k=k: stem_ops.silu_mul_rows(gate, layer_rows, inverse.reshape(-1), k))
-            moved[f"silu_mul_rows forward, {k}, one layer"] = 2 * gate.numel() * gate.element_size() + n * d_ff * 4
+    moved = 2 * n * width * 4  # bytes read + bytes written
     with torch.no_grad():
         medians, times = time_round_robin(fns, n_reps(30, 100))
-    base = moved["memcpy (dst.copy_(src))"] / medians["memcpy (dst.copy_(src))"]
-    rows = [[name, moved[name] / 1e6, t * 1e3, moved[name] / t / 1e9, moved[name] / t / base]
-            for name, t in medians.items()]
-    notes = [f"{machine()}; {n} distinct ids from a batch of {B} x {T} ("
-             f"{'Shakespeare validation text' if has_data() else 'Zipfian ids'}), rows of {n_stem} layers x "
-             f"{d_ff} float32 = {width * 4 / 1024:.0f} KiB each, from a {vocab} x {width} table "
-             f"({vocab * width * 4 / 1e9:.2f} GB); median of {n_reps(30, 100)} interleaved rounds",
-             "bandwidth counts bytes read + bytes written; the fraction is of the memcpy measured in the same rounds"]
-    del table, src, dst, out
-    return result("gather", "gather: STEM row gather vs memcpy",
-                  ["operation", "MB moved", "ms (median)", "GB/s", "fraction of memcpy"], rows, notes,
-                  {"times_ms": {k: [t * 1e3 for t in v] for k, v in times.items()}, "n_rows": n})
+    base = medians["memcpy (dst.copy_(src))"]
+    rows = [[name, moved / 1e6, t * 1e3, moved / t / 1e9, base / t] for name, t in medians.items()]
+    notes = [f"{machine()}; {n} distinct ids of a {B} x {T} batch ({source()}), rows of {n_layer - 1} layers x {d_ff} "
+             f"float32 = {width * 4 / 1024:.0f} KiB each, from a {vocab} x {width} table ({vocab * width * 4 / 1e9:.2f}"
+             f" GB); median of {n_reps(30, 100)} interleaved rounds",
+             "bandwidth counts bytes read + written; the fraction is of the memcpy timed in the same rounds"]
+    return result("gather", "gather: STEM row gather vs memcpy", ["operation", "MB moved", "ms (median)", "GB/s",
+                  "fraction of memcpy"], rows, notes, {"times_ms": {k: [t * 1e3 for t in v] for k, v in times.items()}})
 
 
 # ----------------------------------------------------------------------------------------------------------
 # sample: generation with and without the KV cache
 
 def bench_sample():
-    if tiny:
-        n_layer, n_embd, prompt_len, n_new, vocab, block = 2, 64, 32, 4, 1024, 64
-    elif dev().type == "cuda":
-        n_layer, n_embd, prompt_len, n_new, vocab, block = 12, 768, 512, 128, GPT2_VOCAB, 1024
-    else:
-        n_layer, n_embd, prompt_len, n_new, vocab, block = 6, 384, 512, 32, GPT2_VOCAB, 1024
-    model = build(gpt_config("stem", vocab, n_layer, n_embd, block_size=block)).eval()
+    cuda = dev().type == "cuda"
+    L, C, prompt_len, n_new, vocab = (2, 64, 32, 4, 1024) if tiny else (12, 768, 512, 128, GPT2_VOCAB) if cuda \
+        else (6, 384, 512, 32, GPT2_VOCAB)
+    torch.manual_seed(seed)
+    with torch.device(dev()):
+        model = GPT(GPTConfig(vocab_size=vocab, block_size=2 * prompt_len, n_layer=L, n_head=C // 64, n_embd=C)).eval()
     if dtype != "float32":
         model.to(getattr(torch, dtype))  # the KV cache takes the weights' dtype
-    prompt = text_batches(1, 1, prompt_len, vocab)[0][0]
+    prompt = host_batches(1, 1, prompt_len, vocab)[0][0].to(dev())
     fns = {"KV cache": lambda: model.generate(prompt, n_new, use_cache=True),
            "no cache": lambda: model.generate(prompt, n_new, use_cache=False),
            "prompt only": lambda: model.generate(prompt, 1, use_cache=True)}  # to split prefill from decode
-    log(f"sample: {n_new} tokens after a {prompt_len}-token prompt, {n_layer} layers, n_embd {n_embd}")
+    log(f"sample: {n_new} tokens after a {prompt_len}-token prompt, {L} layers, n_embd {C}")
     medians, times = time_round_robin(fns, n_reps(3, 10))
     cached, uncached, prefill = medians["KV cache"], medians["no cache"], medians["prompt only"]
     decode = (cached - prefill) / (n_new - 1)  # per token once the prompt is in the cache
     rows = [["no cache", uncached * 1e3, n_new / uncached, uncached * 1e3 / n_new, 1.0],
             ["KV cache", cached * 1e3, n_new / cached, cached * 1e3 / n_new, uncached / cached],
-            ["KV cache, decoding only", None, 1 / decode, decode * 1e3, uncached / n_new / decode]
-            if decode > 0 else ["KV cache, decoding only", None, None, None, None]]  # noise can beat a tiny run
+            ["KV cache, decoding only", None] + ([1 / decode, decode * 1e3, uncached / n_new / decode]
+                                                 if decode > 0 else [None] * 3)]  # noise can beat a tiny run
     c = model.config
     notes = [f"{machine()}, {dtype}; STEM model: {c.n_layer} layers, n_embd {c.n_embd}, d_ff {c.d_ff}, vocab "
-             f"{c.vocab_size}, block_size {c.block_size}; batch 1; prompt of {prompt_len} real tokens, "
-             f"{n_new} new tokens, multinomial sampling at temperature 1"
-             + ("; a smaller model than GPT-2 small on a CPU" if dev().type == "cpu" and not tiny else ""),
-             "'no cache' and 'KV cache' time the whole model.generate call, prompt included (with the cache: one "
-             "pass over the prompt, then one token per step; without: every step re-reads the whole window); "
-             "'decoding only' = (KV cache - a 1-token generate) / (new tokens - 1), the steady per-token cost"]
-    return result("sample", "sample: generation speed with and without the KV cache",
-                  ["mode", "ms per generate", "new tokens/s", "ms/token", "speedup over no cache"], rows, notes,
+             f"{c.vocab_size}; batch 1; a {prompt_len}-token prompt of {source()}, {n_new} new tokens, temperature 1",
+             "'no cache' and 'KV cache' time the whole model.generate call, prompt included; 'decoding only' = "
+             "(KV cache - a 1-token generate) / (new tokens - 1), the steady per-token cost"]
+    return result("sample", "sample: generation speed with and without the KV cache", ["mode", "ms per generate",
+                  "new tokens/s", "ms/token", "speedup over no cache"], rows, notes,
                   {"times_ms": {k: [t * 1e3 for t in v] for k, v in times.items()}})
 
 
 # ----------------------------------------------------------------------------------------------------------
 # capacity: parameters active per sequence as the context grows (arithmetic on real text)
 
-def capacity_models():
-    if tiny:
-        return 64, [gpt_config(f, 1024, 2, 64, 128, block_size=64) for f in ("stem", "swiglu")], (16, 32, 64)
-    return 1024, [gpt_config(f, GPT2_VOCAB, 12, 768, 2048) for f in ("stem", "swiglu")], (128, 256, 512, 1024)
-
-
-def distinct_per_window(data, L):
-    """Distinct ids in each non-overlapping window of L tokens (the whole split, tiled)."""
-    windows = data[:len(data) // L * L].view(-1, L)
-    ordered = windows.sort(dim=1).values
-    return (ordered[:, 1:] != ordered[:, :-1]).sum(dim=1) + 1
-
-
 def bench_capacity():
-    block, configs, contexts = capacity_models()
+    shape = dict(vocab_size=1024, n_layer=2, n_head=1, n_embd=64, d_ff=128, block_size=64) if tiny else \
+        dict(vocab_size=GPT2_VOCAB, n_layer=12, n_head=12, n_embd=768, d_ff=2048, block_size=1024)
+    contexts = (16, 32, 64) if tiny else (128, 256, 512, 1024)
     with torch.device("meta"):
-        stem, dense = GPT(configs[0]), GPT(configs[1])
-    width = stem.stem_table.size(1)
-    n_stem, d_ff = len(stem.config.stem_layers), stem.config.d_ff
-    base = stem.active_params_per_token() - width  # all a token touches except its own table row
-    data = text_tokens(stem.config.vocab_size)
+        stem, dense = GPT(GPTConfig(ffn="stem", **shape)), GPT(GPTConfig(ffn="swiglu", **shape))
+    c, n_stem = stem.config, len(stem.config.stem_layers)
+    base = stem.active_params_per_token() - stem.stem_table.size(1)  # all a token touches but its own table row
+    data = text_tokens(c.vocab_size)
     rows, raw = [], {}
     for L in contexts:
-        distinct = distinct_per_window(data, L).double()
-        mean = distinct.mean().item()
-        active = base + mean * n_stem * d_ff
-        dense_active = dense.active_params_per_token()
+        ordered = data[:len(data) // L * L].view(-1, L).sort(dim=1).values  # non-overlapping windows
+        distinct = ((ordered[:, 1:] != ordered[:, :-1]).sum(dim=1) + 1).double()
+        mean, active = distinct.mean().item(), base + distinct.mean().item() * n_stem * c.d_ff
         raw[L] = {"windows": distinct.numel(), "distinct_mean": mean, "distinct_std": distinct.std().item()}
-        rows.append([L, distinct.numel(), mean, mean / L, round(mean * n_stem), active / 1e6, dense_active / 1e6,
-                     active / dense_active, active / stem.num_params()])
-    c = stem.config
-    notes = [f"{'Shakespeare validation text (data/shakespeare/val.bin)' if has_data() else 'Zipfian ids (no data)'}"
-             f", {len(data):,} tokens tiled into non-overlapping windows of each length",
-             f"STEM = {c.n_layer} layers, n_embd {c.n_embd}, default stem_layers ({n_stem} STEM layers, d_ff "
-             f"{d_ff}, vocab {c.vocab_size}): {stem.num_params() / 1e6:.0f}M parameters in all, "
-             f"{stem.active_params_per_token() / 1e6:.1f}M active per token; per sequence = {base / 1e6:.1f}M "
-             f"(everything but the table) + distinct tokens x {n_stem} x {d_ff}",
-             f"dense = the same shape with SwiGLU: {dense.num_params() / 1e6:.1f}M parameters, all active for every "
-             f"token, so per sequence too, at any context"]
+        rows.append([L, distinct.numel(), mean, mean / L, round(mean * n_stem), active / 1e6,
+                     dense.active_params_per_token() / 1e6, active / dense.active_params_per_token(),
+                     active / stem.num_params()])
+    notes = [f"{source()}, {len(data):,} tokens tiled into non-overlapping windows of each length",
+             f"STEM = {c.n_layer} layers, n_embd {c.n_embd}, {n_stem} STEM layers, d_ff {c.d_ff}, vocab {c.vocab_size}: "
+             f"{stem.num_params() / 1e6:.0f}M parameters, {stem.active_params_per_token() / 1e6:.1f}M active per token; "
+             f"per sequence = {base / 1e6:.1f}M (all but the table) + distinct tokens x {n_stem} x {c.d_ff}",
+             f"dense = the same shape with SwiGLU: {dense.num_params() / 1e6:.1f}M parameters, all active at any context"]
     return result("capacity", "capacity: parameters active per sequence vs context length",
                   ["context", "windows", "distinct tokens", "distinct/context", "table rows touched",
-                   "STEM active/seq (M)", "dense active/seq (M)", "STEM/dense", "STEM active/total"],
-                  rows, notes, raw)
+                   "STEM active/seq (M)", "dense active/seq (M)", "STEM/dense", "STEM active/total"], rows, notes, raw)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # offload: bytes the host-resident table moves per step, measured; then projected for GPT-2 small on a GPU
 
-def offload_shape():
-    if tiny:
-        return 2, 64, 128, 1024, 2, 32, 3
-    if dev().type == "cuda":
-        return 12, 768, 2048, GPT2_VOCAB, 4, 1024, 8
-    return 4, 256, 704, GPT2_VOCAB, 4, 256, 6
-
-
-def measure_offload_bytes():
-    n_layer, n_embd, d_ff, vocab, B, T, n_steps = offload_shape()
-    model = build(gpt_config("stem", vocab, n_layer, n_embd, d_ff, block_size=T))
-    trainer = Trainer(model, "sparse", offload=True)
-    table = trainer.rows_opt
-    width = model.stem_table.size(1)
-    batches = text_batches(n_steps, B, T, vocab, seed_offset=1)
-    ids = [torch.unique(x.cpu()) for x, _ in batches]
-    table.prefetch(batches[0][0])
-    for s, (x, y) in enumerate(batches):
-        trainer.step(x, y, next_x=batches[s + 1][0] if s + 1 < n_steps else None)
-    table.flush()
-    row_bytes = width * model.stem_table.element_size()
-    distinct = sum(i.numel() for i in ids) / n_steps
-    overlap = sum(torch.isin(ids[s], ids[s - 1]).sum().item() for s in range(1, n_steps)) / n_steps
-    prefetched = distinct * row_bytes
-    to_device = table.bytes_to_device / n_steps
-    return {"n_layer": n_layer, "n_embd": n_embd, "d_ff": d_ff, "vocab": vocab, "B": B, "T": T, "steps": n_steps,
-            "width": width, "distinct": distinct, "overlap": overlap, "to_device": to_device,
-            "prefetched": prefetched, "expected_recopied": overlap * row_bytes,
-            "to_host": table.bytes_to_host / n_steps, "expected_to_host": distinct * row_bytes}
-
-
-def time_offload():
-    """On a GPU: training steps with the table on the device vs in host memory, alternating; what the copies
-    cost when they do not hide. Each timed call runs a few steps in a row, so prefetching has something to
-    overlap with, and ends after the host table has taken the last update."""
-    n_layer, n_embd, d_ff, vocab, B, T, n_steps = offload_shape()
-    batches = text_batches(n_steps, B, T, vocab, seed_offset=2)
-    trainers = {}
-    for name, offload in (("rows on the device", False), ("table in host memory", True)):
-        trainers[name] = Trainer(build(gpt_config("stem", vocab, n_layer, n_embd, d_ff, block_size=T)),
-                                 "sparse", offload)
-
-    def run(trainer):
-        def go():
-            trainer.rows_opt.prefetch(batches[0][0])
-            for s, (x, y) in enumerate(batches):
-                trainer.step(x, y, next_x=batches[s + 1][0] if s + 1 < n_steps else None)
-            if isinstance(trainer.rows_opt, OffloadedStemTable):
-                trainer.rows_opt.flush()
-        return go
-
-    medians, _ = time_round_robin({k: run(t) for k, t in trainers.items()}, n_reps(2, 5))
-    return {k: v * 1e3 / n_steps for k, v in medians.items()}
-
-
-def projected_offload(B, T=1024, n_batches=64):
-    """Per step of the GPT-2-small STEM preset on real text: rows moved each way and the copy time at
-    pcie_gb_s, beside the step's compute at peak_tflops x mfu_assumed."""
-    vocab = GPT2_VOCAB
-    with torch.device("meta"):
-        model = GPT(gpt_config("stem", vocab, 12, 768, 2048, block_size=T))
-    row_bytes = model.stem_table.size(1) * 4
-    ids = [torch.unique(x.cpu()) for x, _ in text_batches(n_batches, B, T, vocab, seed_offset=3)]
-    distinct = statistics.mean(i.numel() for i in ids)
-    overlap = statistics.mean(torch.isin(ids[s], ids[s - 1]).sum().item() for s in range(1, n_batches))
-    mb, ms = row_bytes / 1e6, row_bytes / (pcie_gb_s * 1e9) * 1e3
-    prefetch_ms = distinct * ms  # H2D on the copy stream, while the previous step computes
-    exposed_ms = (distinct + overlap) * ms  # D2H of the gradients + the re-copy: both on the compute stream
-    compute_ms = model.flops_per_token(T) * B * T / (peak_tflops * 1e12 * mfu_assumed) * 1e3
-    return [f"{B} x {T}", distinct, overlap, distinct * mb, overlap * mb, distinct * mb, prefetch_ms, exposed_ms,
-            compute_ms, "yes" if prefetch_ms < compute_ms else "no", exposed_ms / compute_ms]
+def row_traffic(batches):
+    """Per batch: distinct ids, and how many of them the previous batch also had (rows its update changed)."""
+    ids = [torch.unique(x) for x, _ in batches]
+    return [i.numel() for i in ids], [0] + [int(torch.isin(ids[k], ids[k - 1]).sum()) for k in range(1, len(ids))]
 
 
 def bench_offload():
-    m = measure_offload_bytes()
-    measured = [[f"{m['n_layer']} layers, n_embd {m['n_embd']}, d_ff {m['d_ff']}, vocab {m['vocab']}",
-                 f"{m['B']} x {m['T']}", m["distinct"], m["overlap"], m["to_device"] / 1e6, m["prefetched"] / 1e6,
-                 m["expected_recopied"] / 1e6, m["to_host"] / 1e6, m["expected_to_host"] / 1e6]]
-    notes = [f"stem_offload.OffloadedStemTable's counters (bytes_to_device, bytes_to_host) over {m['steps']} "
-             f"training steps on {'Shakespeare validation text' if has_data() else 'Zipfian ids'}; a row is "
-             f"{m['width']} float32",
-             "what should cross: H2D = each batch's distinct rows (prefetched while the previous step runs) + the "
-             "rows the previous step's update changed after that prefetch (re-copied by lookup()); D2H = the "
-             "merged row gradients, one per distinct row"]
-    if dev().type != "cuda":
-        notes.append("without CUDA, OffloadedStemTable._gather returns before it counts, so bytes_to_device here "
-                     "holds only lookup()'s re-copies; it matches 'overlap x row' when they are exact")
+    n_steps = 3 if tiny else 6
+    vocab = 1024 if tiny else GPT2_VOCAB
+    settings = {**model_settings("stem", vocab, "vocab"), "stem_offload": True}
+    B, T, d_ff, n_stem = settings["batch_size"], settings["block_size"], settings["d_ff"], settings["n_layer"] - 1
+    batches = host_batches(n_steps, B, T, vocab, offset=1)
+    run = trainer(batches, **settings)
+    for _ in range(n_steps):
+        run.step()
+    run.rows_opt.flush()
+    row_bytes = n_stem * d_ff * 4
+    # train.micro_batches draws (and prefetches) one batch ahead: n_steps + 1 batches, the last = batches[0]
+    distinct, overlap = row_traffic(batches + batches[:1])
+    m = {"steps": n_steps, "to_device": run.rows_opt.bytes_to_device / n_steps,
+         "to_host": run.rows_opt.bytes_to_host / n_steps, "distinct": statistics.mean(distinct[:-1]),
+         "expected_to_device": (sum(distinct) + sum(overlap)) * row_bytes / n_steps,
+         "expected_to_host": sum(distinct[:-1]) * row_bytes / n_steps}
+    measured = [[f"{settings['n_layer']} layers, n_embd {settings['n_embd']}, d_ff {d_ff}, vocab {vocab}", f"{B} x {T}",
+                 m["distinct"], m["to_device"] / 1e6, m["expected_to_device"] / 1e6,
+                 m["to_device"] / m["expected_to_device"], m["to_host"] / 1e6, m["expected_to_host"] / 1e6]]
+    notes = [f"OffloadedRowAdamW's counters (bytes_to_device, bytes_to_host) over {n_steps} train.train_step calls "
+             f"with stem_offload=True on {source()}; a row is {n_stem} x {d_ff} float32",
+             "expected H2D = every batch's distinct rows once (prefetched, the one drawn ahead included) + the rows "
+             "the previous step updated after that prefetch (re-copied); D2H = one merged gradient per distinct row; "
+             "H2D/expected above 1 means rows are gathered more than once"]
     res = result("offload", "offload: bytes per training step with the STEM table in host memory (measured)",
-                 ["model", "batch", "distinct rows/step", "rows also in previous batch", "H2D counter MB/step",
-                  "distinct x row MB", "overlap x row MB", "D2H counter MB/step", "distinct x row MB"], measured,
-                 notes, raw={"measured": m})
-    batches = (2, 4) if tiny else (4, 8, 12)  # 12 x 1024: config/train_gpt2_small_stem.py's micro-batch
-    projection = [projected_offload(B) for B in batches]
+                 ["model", "batch", "distinct rows/step", "H2D MB/step", "expected H2D MB", "H2D/expected",
+                  "D2H MB/step", "expected D2H MB"], measured, notes, m)
     with torch.device("meta"):
-        tflop = GPT(gpt_config("stem", GPT2_VOCAB, 12, 768, 2048)).flops_per_token(1024) / 1e12
-    notes = [f"GPT-2-small STEM (12 layers, 768, d_ff 2048, 11 STEM layers, float32 rows of 88 KiB; 12 x 1024 is "
-             f"config/train_gpt2_small_stem.py's micro-batch) on "
-             f"{'Shakespeare validation text' if has_data() else 'Zipfian ids'}, mean over 64 random batches",
-             f"copies at {pcie_gb_s:g} GB/s per direction (PCIe 4.0 x16 effective); compute = "
-             f"{tflop * 1e3:.2f} GFLOP/token x tokens at "
-             f"{peak_tflops:g} TFLOP/s x {mfu_assumed:.0%} MFU (H100 bf16)",
-             "stem_offload.py as written: only the prefetch copy runs on its own stream; step() copies the row "
-             "gradients to the host on the compute stream and lookup() copies the re-gathered rows (from pageable "
-             "memory) on it too, so those two add to every step (exposed) instead of overlapping it",
-             "the host's row AdamW (per distinct row: reads row, gradient, two moments; writes three) and the "
-             "gathers run on one worker thread and must also keep up"]
-    if dev().type == "cuda":
-        t = time_offload()
-        notes.append("measured here: " + ", ".join(f"{k} {v:.1f} ms/step" for k, v in t.items()))
-        res["raw"]["timed"] = t
-    else:
-        notes.append("no GPU on this machine: the overlap of copies and compute is projected, not measured")
-    proj = result("offload_projection", "offload: projected copy time vs compute, GPT-2-small STEM on a GPU",
-                  ["batch", "distinct rows", "rows also in previous batch", "prefetch H2D MB", "re-copy H2D MB",
-                   "D2H MB", "prefetch ms", "exposed ms (D2H + re-copy)", "compute ms", "prefetch hides?",
-                   "exposed/compute"], projection, notes)
-    return [res, proj]
+        big = GPT(GPTConfig(vocab_size=GPT2_VOCAB, n_layer=12, n_head=12, n_embd=768, d_ff=2048))
+    row_mb, proj = big.stem_table.size(1) * 4 / 1e6, []
+    for Bp in (2, 4) if tiny else (4, 8, 12):  # 12 x 1024: config/train_gpt2_small_stem.py's micro-batch
+        distinct, overlap = row_traffic(host_batches(16 if tiny else 64, Bp, 1024, GPT2_VOCAB, offset=3))
+        d, o = statistics.mean(distinct), statistics.mean(overlap[1:])
+        copy_ms = row_mb / (pcie_gb_s * 1e3) * 1e3
+        compute_ms = big.flops_per_token(1024) * Bp * 1024 / (peak_tflops * 1e12 * mfu_assumed) * 1e3
+        proj.append([f"{Bp} x 1024", d, o, d * row_mb, o * row_mb, d * copy_ms, (d + o) * copy_ms, compute_ms,
+                     "yes" if d * copy_ms < compute_ms else "no", (d + o) * copy_ms / compute_ms])
+    notes = [f"GPT-2-small STEM (12 layers, 768, d_ff 2048, 11 STEM layers, rows of {row_mb * 1e3 / 1024:.0f} KiB) on "
+             f"{source()}, mean over random batches; copies at {pcie_gb_s:g} GB/s each way; compute = "
+             f"{big.flops_per_token(1024) / 1e9:.2f} GFLOP/token at {peak_tflops:g} TFLOP/s x {mfu_assumed:.0%} MFU",
+             "the prefetch copy runs on its own stream while the previous step computes; the gradients' D2H and the "
+             "re-copy of updated rows wait on the step (exposed) unless the host update keeps ahead",
+             "measured on a GPU by python bench.py --what=gpu (offload vs on-device step time)"]
+    return [res, result("offload_projection", "offload: projected copy time vs compute, GPT-2-small STEM on a GPU",
+                        ["batch", "distinct rows", "rows also in previous batch", "prefetch H2D MB", "re-copy H2D MB",
+                         "prefetch ms", "exposed ms (D2H + re-copy)", "compute ms", "prefetch hides?",
+                         "exposed/compute"], proj, notes)]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # quality: SwiGLU, STEM, STEM on half the layers and MoE trained alike through train.py
 
-def quality_variants():
-    """train.py settings per variant, on top of quality_config (same data, steps, seed for all). Half the
-    layers = every other layer from layer 1, the 350M study's best setting."""
-    n_layer = read_quality_model()["n_layer"]
-    return {"swiglu": ["--ffn=swiglu"], "stem": ["--ffn=stem"],
-            "stem_half": ["--ffn=stem", f"--stem_layers={list(range(1, n_layer, 2))}".replace(" ", "")],
-            "moe": ["--ffn=moe"]}
-
-
-def read_quality_model():
-    """The settings quality_config assigns (a plain Python file of assignments, as train.py reads it)."""
-    namespace = {}
-    with open(quality_config) as f:
-        exec(f.read(), {}, namespace)
-    return namespace
-
-
-def read_log(path):
-    train, val = [], []
-    with open(path) as f:
-        for line in f:
-            rec = jsonlib.loads(line)
-            if "loss" in rec:
-                train.append((rec["iter"], rec["loss"]))
-            if "val_loss" in rec:
-                val.append((rec["iter"], rec["val_loss"]))
-    return train, val
-
-
-def largest_jump(train):
-    """The largest rise of the train loss from one logged step to the next, and the step it happened at."""
-    best = (0.0, None)
-    for (_, a), (it, b) in zip(train, train[1:]):
-        best = max(best, (b - a, it), key=lambda t: t[0])
-    return best
-
-
 def bench_quality():
-    extra = quality_extra.split()
-    runs = {}
-    for name, args in quality_variants().items():
+    settings = {}
+    with open(quality_config) as f:
+        exec(f.read(), {}, settings)  # what the config assigns, for the notes and n_layer
+    variants = {"swiglu": ["--ffn=swiglu"], "stem": ["--ffn=stem"], "moe": ["--ffn=moe"],
+                "stem_half": ["--ffn=stem", f"--stem_layers={list(range(1, settings['n_layer'], 2))}".replace(" ", "")]}
+    runs, rows = {}, []
+    for name, args in variants.items():
         out = os.path.join(quality_out, name)
         cmd = [sys.executable, "train.py", quality_config, *args, f"--out_dir={out}", f"--device={device}",
-               f"--dtype={dtype}", *extra]
+               f"--dtype={dtype}", *quality_extra.split()]
         log("quality: " + " ".join(cmd[1:]))
         t0 = time.perf_counter()
         env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None  # train.py has no such key
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        wall = time.perf_counter() - t0
         if proc.returncode != 0:
-            log(f"quality: {name} failed:\n{proc.stdout[-2000:]}")
-            runs[name] = {"error": proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "failed"}
+            runs[name] = {"error": (proc.stdout.strip().splitlines() or ["failed"])[-1]}
+            rows.append([name, "failed: " + runs[name]["error"]] + [None] * 8)
             continue
-        train, val = read_log(os.path.join(out, "log.jsonl"))
+        records = [jsonlib.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+        train_l = [(r["iter"], r["loss"]) for r in records if "loss" in r]
+        val = [(r["iter"], r["val_loss"]) for r in records if "val_loss" in r]
         ckpt = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", mmap=True, weights_only=True)
         with torch.device("meta"):
             model = GPT(GPTConfig(**ckpt["model_args"]))
-        T = model.config.block_size
-        runs[name] = {"cmd": " ".join(cmd[1:]), "wall_s": wall, "train": train, "val": val,
-                      "params": model.num_params(), "active": model.active_params_per_token(),
-                      "flops_per_token": model.flops_per_token(T), "jump": largest_jump(train)}
-        del ckpt
-    rows = []
-    for name, r in runs.items():
-        if "error" in r:
-            rows.append([name, "failed: " + r["error"]] + [None] * 7)
-            continue
-        jump, at = r["jump"]
-        rows.append([name, r["val"][-1][1], min(v for _, v in r["val"]), r["train"][-1][1], jump,
-                     at, r["params"] / 1e6, r["active"] / 1e6, r["flops_per_token"] / 1e6, r["wall_s"]])
-    settings = read_quality_model()
-    notes = [f"{quality_config} ({', '.join(f'{k}={v}' for k, v in settings.items())}) {quality_extra} for "
-             f"every variant; each trains through train.py in its own process, out_dir {quality_out}/<variant>",
-             "val loss: train.py's final evaluation (and the best one); jump: the largest rise of the train "
-             "loss between consecutive steps (log_interval=1), and the step it happened at",
+        jump, at = max(((b - a, it) for (_, a), (it, b) in zip(train_l, train_l[1:])), default=(0.0, None))
+        runs[name] = {"cmd": " ".join(cmd[1:]), "wall_s": time.perf_counter() - t0, "train": train_l, "val": val}
+        rows.append([name, val[-1][1], min(v for _, v in val), train_l[-1][1], jump, at, model.num_params() / 1e6,
+                     model.active_params_per_token() / 1e6, model.flops_per_token(model.config.block_size) / 1e6,
+                     runs[name]["wall_s"]])
+    notes = [f"{quality_config} ({', '.join(f'{k}={v}' for k, v in settings.items())}) {quality_extra} for every "
+             f"variant; each trains through train.py in its own process, out_dir {quality_out}/<variant>",
+             "val loss: train.py's final evaluation (and the best one); jump: the largest rise of the train loss "
+             "between consecutive logged steps, and the step it happened at",
              f"{machine()}, {dtype}; wall time includes start-up and evaluations"]
-    plot = plot_quality(runs)
-    if plot:
-        notes.append(f"loss curves: {plot}")
     return result("quality", "quality: small models trained alike on Shakespeare",
                   ["variant", "val loss", "best val", "last train loss", "largest jump", "at step", "params (M)",
-                   "active/token (M)", "MFLOPs/token", "wall s"], rows, notes,
-                  {k: {kk: vv for kk, vv in v.items()} for k, v in runs.items()})
+                   "active/token (M)", "MFLOPs/token", "wall s"], rows, notes, runs)
 
 
-def plot_quality(runs):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for name, r in runs.items():
-        if "train" in r:
-            line, = ax.plot(*zip(*r["train"]), lw=0.8, alpha=0.8, label=f"{name} train")
-            ax.plot(*zip(*r["val"]), "o-", color=line.get_color(), label=f"{name} val")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    path = os.path.join(quality_out, "loss_curves.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+# ----------------------------------------------------------------------------------------------------------
+# gpu: the one GPU check. Every part records its own error and the others go on.
+
+def gpu_parity():
+    """model.STEM forward + backward, Triton vs torch, on one real batch at fp32 and under bf16 autocast; and two
+    Triton runs compared bit for bit. The layer reads the second column block of two (a strided view, as in GPT)."""
+    d, f, B, T, vocab = (64, 128, 2, 64, 1024) if tiny else (768, 2048, 8, 1024, GPT2_VOCAB)
+    cfg = GPTConfig(vocab_size=vocab, n_layer=1, n_head=max(1, d // 64), n_embd=d, d_ff=f, stem_layers=[0])
+    torch.manual_seed(seed)
+    with torch.device(dev()):
+        layer, table = STEM(cfg, 1), torch.randn(vocab, 2 * f) * (2 / (vocab + f)) ** 0.5  # xavier's scale
+        x, grad_y = torch.randn(B, T, d), torch.randn(B, T, d)
+    idx = host_batches(1, B, T, vocab)[0][0].to(dev())
+
+    def run(fused, amp):
+        ids, inverse = torch.unique(idx, return_inverse=True)
+        rows, xx = table[ids].requires_grad_(True), x.clone().requires_grad_(True)
+        layer.zero_grad(set_to_none=True)
+        with torch.autocast(dev().type, dtype=torch.bfloat16) if amp else nullcontext():
+            y = layer(xx, StemRows(rows, inverse, ids, layers=rows.split(f, dim=1), fused=fused))
+        y.backward(grad_y.to(y.dtype))
+        sync()
+        return {"output": y, "grad x": xx.grad, "grad rows": rows.grad, "grad w_gate": layer.w_gate.weight.grad,
+                "grad w_down": layer.w_down.weight.grad}
+
+    rows = []
+    for amp in (False, True):
+        ref, tri, again = run(False, amp), run(True, amp), run(True, amp)
+        tol = 2e-2 if amp else 1e-4
+        for k in ref:
+            err = (tri[k].float() - ref[k].float()).abs().max().item() / max(ref[k].float().abs().max().item(), 1e-30)
+            rows.append(["bf16 autocast" if amp else "fp32", k, err, tol, err <= tol, torch.equal(tri[k], again[k])])
+    notes = [f"{machine()}; d_model {d}, d_ff {f}, {B} x {T} ids of {source()} ({torch.unique(idx).numel()} distinct)",
+             "error = max |Triton - torch| / max |torch| per tensor; bit-identical: a second Triton run equals the "
+             "first exactly (no atomics in the backward)"]
+    return result("gpu_parity", "gpu: Triton vs torch STEM layer, forward and backward",
+                  ["precision", "tensor", "relative error", "tolerance", "within", "bit-identical rerun"], rows, notes)
+
+
+def gpu_kernel():
+    """The Triton op's forward and backward alone (and torch's), and their effective bandwidth against a
+    device-to-device copy timed in the same run."""
+    f, B, T, vocab, n_stem = (128, 2, 64, 1024, 2) if tiny else (2048, 8, 1024, GPT2_VOCAB, 11)
+    _, inverse = torch.unique(host_batches(1, B, T, vocab)[0][0].to(dev()), return_inverse=True)
+    inverse = inverse.flatten()
+    torch.manual_seed(seed)
+    R = int(inverse.max()) + 1
+    rows = torch.randn(R, n_stem * f, device=dev())[:, :f]  # one layer's column block of the batch's rows
+    big = torch.empty(2 ** (22 if tiny else 28), device=dev())  # 1 GiB of float32
+    copy_to = torch.empty_like(big)
+    out, results = [], {}
+    for gdt in (torch.bfloat16, torch.float32):
+        gate = torch.randn(B * T, f, device=dev(), dtype=gdt)
+        grad_h, gate_leaf = torch.randn_like(gate), gate.clone().requires_grad_(True)
+        rows_leaf = rows.clone().requires_grad_(True)
+
+        def torch_fwd_bwd():
+            h = F.silu(gate_leaf) * F.embedding(inverse, rows_leaf).to(gdt)
+            torch.autograd.grad(h, (gate_leaf, rows_leaf), grad_h)
+
+        fns = {"copy (1 GiB, device to device)": lambda: copy_to.copy_(big),
+               "triton forward": lambda: stem_ops.silu_mul_rows(gate, rows, inverse),
+               "triton backward": lambda: stem_ops.silu_mul_rows_backward(grad_h, gate, rows, inverse),
+               "torch forward": lambda: F.silu(gate) * F.embedding(inverse, rows).to(gdt),
+               "torch forward + backward": torch_fwd_bwd}
+        g_bytes, r_bytes = gate.numel() * gate.element_size(), R * f * 4
+        moved = {"copy (1 GiB, device to device)": 2 * big.numel() * 4, "triton forward": 2 * g_bytes + r_bytes,
+                 "triton backward": 3 * g_bytes + 2 * r_bytes, "torch forward": 2 * g_bytes + r_bytes,
+                 "torch forward + backward": 5 * g_bytes + 3 * r_bytes}
+        with torch.no_grad():
+            medians, _ = time_round_robin({k: v for k, v in fns.items() if k != "torch forward + backward"}, n_reps(5))
+        medians.update(time_round_robin({"torch forward + backward": torch_fwd_bwd}, n_reps(5))[0])
+        copy_bw = moved["copy (1 GiB, device to device)"] / medians["copy (1 GiB, device to device)"]
+        for name, t in medians.items():
+            out.append([str(gdt).replace("torch.", ""), name, t * 1e3, moved[name] / 1e6, moved[name] / t / 1e9,
+                        moved[name] / t / copy_bw])
+        results[str(gdt)] = {"copy_GB_s": copy_bw / 1e9, "ms": {k: v * 1e3 for k, v in medians.items()}}
+    del big, copy_to
+    notes = [f"{machine()}; one layer: gate [{B * T}, {f}], {R} distinct rows of {source()} (a column block of "
+             f"[{R}, {n_stem * f}] float32 rows); median of {n_reps(5)} interleaved rounds",
+             "bytes = compulsory traffic: forward reads gate and each distinct row once, writes the output; backward "
+             "reads gate, grad_h and the rows, writes grad_gate and grad_rows (the chunk partials not counted); "
+             "torch's forward + backward counted as its two passes; copy = bytes read + written",
+             "fraction = effective bandwidth / the copy's bandwidth measured in the same rounds"]
+    return result("gpu_kernel", "gpu: silu_mul_rows time and effective bandwidth", ["gate dtype", "operation", "ms",
+                  "MB moved", "GB/s", "fraction of copy"], out, notes, results)
+
+
+def gpu_train():
+    """GPT-2-small train steps through train.py with torch.compile: STEM (rows on the device), SwiGLU and STEM
+    with the table in host memory (stem_offload), built one after another (peak memory each: its own build and
+    warm-up steps), then timed round-robin. A variant that fails is dropped with its error; the rest go on."""
+    L, C, f, B, T, vocab = (2, 64, 128, 2, 64, 1024) if tiny else (12, 768, 2048, 8, 1024, GPT2_VOCAB)
+    cuda = dev().type == "cuda"
+    for key in ("recompile_limit", "cache_size_limit"):  # three models, and R (distinct rows) varies: dynamic
+        if hasattr(torch._dynamo.config, key):
+            setattr(torch._dynamo.config, key, 64)
+    batches = host_batches(8, B, T, vocab, offset=4)
+    common = dict(vocab_size=vocab, n_layer=L, n_head=max(1, C // 64), n_embd=C, d_ff=f, batch_size=B, block_size=T,
+                  compile=cuda, dtype="bfloat16", learning_rate=LR)
+    variants = {"stem": dict(ffn="stem"), "swiglu": dict(ffn="swiglu"), "stem offloaded": dict(ffn="stem",
+                                                                                              stem_offload=True)}
+    runs, info, errors = {}, {}, {}
+
+    def attempt(name, fn):
+        try:
+            fn()
+        except Exception as e:
+            errors[name] = f"{type(e).__name__}: {' '.join(str(e).split())}"[:500]
+            log(f"gpu train: {name} failed:\n{traceback.format_exc()}")
+            runs.pop(name, None)
+
+    def build(name):
+        base = torch.cuda.memory_allocated(dev()) if cuda else 0
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(dev())
+        t0 = time.perf_counter()
+        run = trainer(batches, **common, **variants[name])
+        for _ in range(max(warmup, 3)):  # compile, recompile with a dynamic row count, one steady step
+            run.losses.append(run.step()[0])
+        sync()
+        info[name] = {"build_and_warmup_s": time.perf_counter() - t0, "times_ms": [],
+                      "peak_gb": (torch.cuda.max_memory_allocated(dev()) - base) / 1e9 if cuda else None}
+        runs[name] = run
+
+    for name in variants:
+        log(f"gpu train: building and warming up {name}")
+        attempt(name, lambda: build(name))
+
+    def timed(name):
+        sync()
+        t0 = time.perf_counter()
+        runs[name].losses.append(runs[name].step()[0])
+        sync()
+        info[name]["times_ms"].append((time.perf_counter() - t0) * 1e3)
+
+    for r in range(n_reps(3, 10)):
+        names = list(runs)
+        for name in names[r % max(1, len(names)):] + names[:r % max(1, len(names))]:
+            attempt(name, lambda: timed(name))
+    if "stem offloaded" in runs:
+        attempt("stem offloaded", runs["stem offloaded"].rows_opt.flush)  # raises a failed host job
+    rows = []
+    for name in variants:
+        if name in errors or name not in info or not info[name]["times_ms"]:
+            rows.append([name, "failed: " + errors.get(name, "no timed steps")] + [None] * 5)
+            continue
+        ms, model = statistics.median(info[name]["times_ms"]), runs[name].model
+        mfu = model.estimate_mfu(B * T / ms * 1e3, dev(), seq_len=T)
+        sw = info.get("swiglu", {}).get("times_ms")
+        info[name].update(ms=ms, tokens_per_s=B * T / ms * 1e3, mfu=mfu, losses=runs[name].losses)
+        rows.append([name, ms, B * T / ms * 1e3, None if mfu is None else f"{mfu:.1%}", info[name]["peak_gb"],
+                     statistics.median(a / b for a, b in zip(info[name]["times_ms"], sw)) if sw else None,
+                     model.flops_per_token(T) / 1e9])
+    notes = [f"{machine()}; {L} layers, n_embd {C}, d_ff {f}, vocab {vocab}, batch {B} x {T} of {source()}; "
+             f"bfloat16 autocast, torch.compile; median of {n_reps(3, 10)} round-robin steps after "
+             f"{max(warmup, 3)} warm-up steps each",
+             "peak GB = torch.cuda.max_memory_allocated during the variant's build and warm-up, less what was allocated "
+             "before it (the variants built earlier); the offloaded table and its moments are in host memory"]
+    notes += [f"{k}: {v}" for k, v in errors.items()]
+    out = [result("gpu_train", "gpu: GPT-2-small training step, compiled", ["variant", "ms/step", "tokens/s", "MFU",
+                  "peak GB", "ratio to SwiGLU", "GFLOP/token"], rows, notes, {"info": info, "errors": errors})]
+    if "stem" in info and "stem offloaded" in info and "losses" in info["stem"] and "losses" in info["stem offloaded"]:
+        a, b = info["stem"]["losses"], info["stem offloaded"]["losses"]
+        diff = [abs(x - y) for x, y in zip(a, b)]
+        out.append(result("gpu_offload_parity", "gpu: loss parity, offloaded table vs on the device",
+                          ["steps", "max abs loss difference", "bit-identical steps", "first loss", "last loss"],
+                          [[len(diff), max(diff), sum(d == 0 for d in diff), a[0], a[-1]]],
+                          ["the same initial weights and batches; the row AdamW runs on the host in one and on the GPU "
+                           "in the other, so the last bits may differ after the first update"]))
+    return out
+
+
+def bench_gpu():
+    out = []
+    for name, part in (("parity", gpu_parity), ("kernel", gpu_kernel), ("train", gpu_train)):
+        t0 = time.perf_counter()
+        try:
+            got = part()
+            out += got if isinstance(got, list) else [got]
+        except Exception as e:
+            log(f"gpu {name} failed:\n{traceback.format_exc()}")
+            out.append(failed(f"gpu_{name}", f"gpu: {name}", f"{type(e).__name__}: {' '.join(str(e).split())}"[:500]))
+        out[-1]["seconds"] = time.perf_counter() - t0
+        if dev().type == "cuda":
+            torch.cuda.empty_cache()
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
 
 BENCHES = {"ffn": bench_ffn, "step": bench_step, "vocab": bench_vocab, "gather": bench_gather,
-           "sample": bench_sample, "capacity": bench_capacity, "offload": bench_offload, "quality": bench_quality}
+           "sample": bench_sample, "capacity": bench_capacity, "offload": bench_offload, "quality": bench_quality,
+           "gpu": bench_gpu}
 
 
-def main(argv):
-    globals().update(parse_args(argv))
+def parse_settings(argv):
+    settings, _ = configurator.parse(argv, DEFAULTS, {}, __file__, __doc__)
+    if settings["what"] not in ("all", *BENCHES):
+        raise ConfigError(f"what must be all or one of {', '.join(BENCHES)}, got {settings['what']!r}")
+    return settings
+
+
+def apply(settings):
+    globals().update(settings)
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    names = [w for w in WHATS if w != "quality"] if what == "all" else [what]
+
+
+def main(argv):
+    settings = parse_settings(argv)
+    if settings["what"] == "gpu":
+        if not torch.cuda.is_available():
+            raise ConfigError("--what=gpu needs a CUDA GPU, and torch.cuda.is_available() is False here")
+        settings.update(device="cuda", dtype="bfloat16")
+        settings["json"] = settings["json"] or os.path.join(os.environ.get("OUT", ""), "bench_gpu.json")
+    apply(settings)
+    names = [w for w in BENCHES if w not in ("quality", "gpu")] if what == "all" else [what]
     results, t_start = {}, time.perf_counter()
     for name in names:
         t0 = time.perf_counter()
         out = BENCHES[name]()
         for res in out if isinstance(out, list) else [out]:
-            res["seconds"] = time.perf_counter() - t0
+            res.setdefault("seconds", time.perf_counter() - t0)
             results[res["name"]] = res
-            if not only:
-                print_result(res)
-        gc.collect()
+            print_result(res)
         log(f"{name}: {time.perf_counter() - t0:.0f} s")
-    if not only:
-        print(f"\n{', '.join(names)}: {time.perf_counter() - t_start:.0f} s in all "
-              f"(python bench.py {' '.join(argv)})".replace(" )", ")"))
+    print(f"\n{', '.join(names)}: {time.perf_counter() - t_start:.0f} s in all (python bench.py {' '.join(argv)})")
     if json:
+        versions = {"torch": torch.__version__, "triton": getattr(stem_ops.triton, "__version__", None)}
         with open(json, "w") as f:
-            jsonlib.dump({"settings": {k: globals()[k] for k in SETTINGS}, "machine": machine(), **results}, f,
-                         indent=1, default=str)
+            jsonlib.dump({"settings": {k: globals()[k] for k in DEFAULTS}, "machine": machine(), "versions": versions,
+                          **results}, f, indent=1, default=str)
+        log(f"wrote {json}")
     return results
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    configurator.run_main(lambda: main(sys.argv[1:]), "bench.py")

@@ -431,7 +431,8 @@ class GPT(nn.Module):
         groups = [{"params": decay, "weight_decay": weight_decay, "lr_mult": 1.0},
                   {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0}]
         if self.stem_table is not None and include_stem_table:
-            groups.append({"params": [self.stem_table], "weight_decay": stem_weight_decay, "lr_mult": stem_lr_mult})
+            groups.append({"params": [self.stem_table], "weight_decay": stem_weight_decay, "lr_mult": stem_lr_mult,
+                           "stem": True})
         # the fused AdamW (one kernel over all tensors) exists for CPU and CUDA
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cpu", "cuda"))
 

@@ -29,6 +29,7 @@ Sampling (HostRowFetcher): the rows of each new token are fetched from host memo
 small device cache of rows (least-frequently-used eviction: token frequencies are Zipfian).
 """
 
+import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -136,11 +137,11 @@ class OffloadedRowAdamW(SparseRowAdamW):
         rows, event = self._to_device(ids)
         return ids, inverse, rows, event
 
-    def _update_hot(self, ids, grad, grad_ready, fetched, lr):
+    def _update_hot(self, ids, grad, grad_ready, fetched, lr, decay):
         if grad_ready is not None:
             grad_ready.synchronize()  # the gradient's copy to host memory has landed
         hot = torch.isin(ids, fetched.result()[0]) if fetched is not None else torch.zeros_like(ids, dtype=bool)
-        self.update(ids[hot], grad[hot], lr)
+        self.update(ids[hot], grad[hot], lr, decay)
         return ids[~hot], grad[~hot], ids[hot]
 
     def _refresh(self, fetched, hot_job):
@@ -152,9 +153,9 @@ class OffloadedRowAdamW(SparseRowAdamW):
             rows, event = self._to_device(ids[where], into=rows, where=where)
         return ids, inverse, rows, event
 
-    def _update_rest(self, hot_job, lr):
+    def _update_rest(self, hot_job, lr, decay):
         ids, grad, _ = hot_job.result()
-        self.update(ids, grad, lr)
+        self.update(ids, grad, lr, decay)
 
     # -- what the trainer calls -------------------------------------------------------------------------------
 
@@ -181,6 +182,8 @@ class OffloadedRowAdamW(SparseRowAdamW):
         return StemRows(rows.requires_grad_(grad), inverse, ids)
 
     def step(self, lr):
+        lr = lr * self.lr_mult
+        self.decay += math.log1p(-lr * self.weight_decay)  # as in SparseRowAdamW.step
         if self.grad is None:
             return self.check()
         ids, grad = self.grad
@@ -200,11 +203,11 @@ class OffloadedRowAdamW(SparseRowAdamW):
         self.bytes_to_host += grad.numel() * grad.element_size()
         fetched = self.prefetched[1] if self.prefetched is not None else None
         hot = self._submit("update of the rows the next batch reads", self._update_hot, ids, grad, grad_ready,
-                           fetched, lr)
+                           fetched, lr, self.decay)
         if fetched is not None:
             self.prefetched = (self.prefetched[0], self._submit("re-copy of updated rows", self._refresh, fetched,
                                                                  hot))
-        self._submit("update of the other rows", self._update_rest, hot, lr)
+        self._submit("update of the other rows", self._update_rest, hot, lr, self.decay)
 
     def flush(self):
         """Wait until every queued job is done, and raise if one failed (before the table is saved)."""

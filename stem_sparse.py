@@ -26,6 +26,8 @@ Clipping: the norm is taken over the dense gradients and the merged row gradient
 have zero gradient, so this is exactly the norm dense training would clip by.
 """
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -60,18 +62,59 @@ def all_gather_rows(ids, grads):
             torch.cat([t[:n] for t, n in zip(all_rows, counts)]))
 
 
+def stochastic_round_bf16(x, noise):
+    """fp32 -> bf16, rounding up with probability equal to the dropped fraction, so the result is unbiased:
+    add 16 random low bits to the fp32 bit pattern and cut them off (the carry rounds up). PyTorch has no
+    such cast; FBGEMM and torchao use the same trick for low-precision tables."""
+    bits = x.view(torch.int32) + noise.to(torch.int32)
+    return (bits & -65536).view(torch.float32).to(torch.bfloat16)  # the low 16 bits are zero: exact in bf16
+
+
+def hash_noise(ids, steps, width, salt):
+    """16 random bits per element, a hash of (row id, that row's update count, column, salt): the same bits
+    wherever and in whatever order a row is updated (offload's split update, DDP replicas, a resumed run)."""
+    mask = 0xFFFFFFFF
+    x = (ids.unsqueeze(1) * 0x9E3779B1 + steps.unsqueeze(1) * 0x85EBCA77 + salt * 0xC2B2AE3D) & mask
+    x = (x + torch.arange(width, device=ids.device) * 0x27D4EB2F) & mask
+    for _ in range(2):  # murmur3's finaliser, twice
+        x ^= x >> 16
+        x = (x * 0x85EBCA6B) & mask
+        x ^= x >> 13
+        x = (x * 0xC2B2AE35) & mask
+        x ^= x >> 16
+    return x & 0xFFFF
+
+
 class SparseRowAdamW:
     """Owns model.stem_table's training when stem_optim=sparse (the table leaves the dense optimizer and
-    stops requiring grad, so autograd, DDP and clipping never see a dense table gradient)."""
+    stops requiring grad, so autograd, DDP and clipping never see a dense table gradient).
 
-    def __init__(self, table, lr_mult=1.0, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8):
+    Memory per table parameter: the weight and the first moment in the table's dtype, plus the second moment:
+    fp32 per element (state="full": 12 bytes in all for an fp32 table) or one fp32 per row, the mean of g^2
+    over the row (state="rowwise", as FBGEMM's PARTIAL_ROWWISE_ADAM and Adam-mini do: 4 bytes for bf16).
+    A bf16 table is updated in fp32 and written back with stochastic rounding (rounding="stochastic"), or
+    to nearest (rounding="nearest", which loses updates smaller than half a bf16 step).
+    Weight decay is decoupled, as AdamW's, and complete: a row that was not touched for k steps gets the
+    decay of those k steps when it is next touched (a running product of (1 - lr_t * wd)), so every row
+    decays as under dense AdamW, although only the batch's rows are written."""
+
+    def __init__(self, table, lr_mult=1.0, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8, state="full",
+                 rounding="stochastic", seed=0):
+        if state not in ("full", "rowwise") or rounding not in ("stochastic", "nearest"):
+            raise ValueError(f"stem_state must be full or rowwise and rounding stochastic or nearest, got "
+                             f"{state!r}, {rounding!r}")
         self.table = table
         table.requires_grad_(False)
         self.lr_mult, self.weight_decay, self.betas, self.eps = lr_mult, weight_decay, betas, eps
+        self.rowwise, self.rounding, self.seed = state == "rowwise", rounding, seed
         self.exp_avg = torch.zeros_like(table)
-        self.exp_avg_sq = torch.zeros_like(table)
+        shape = table.shape[:1] if self.rowwise else table.shape
+        self.exp_avg_sq = torch.zeros(shape, dtype=torch.float32, device=table.device)
         self.row_step = torch.zeros(table.size(0), dtype=torch.int64, device=table.device)
+        self.row_decay = torch.zeros(table.size(0), dtype=torch.float64, device=table.device)  # log-decay seen
+        self.decay = 0.0  # sum over all steps so far of log(1 - lr_t * wd): the log of the running product
         self.grad = None  # (sorted ids, summed gradient rows) of the step so far
+
 
     def prefetch(self, idx):
         """A hint that idx is a coming batch; the rows are on the device already, so nothing to do here."""
@@ -99,63 +142,81 @@ class SparseRowAdamW:
             self.grad = merge_rows(ids, g / dist.get_world_size()) if ids.numel() else None
 
     def grad_sq_norm(self):
-        return self.grad[1].float().pow(2).sum() if self.grad is not None else torch.zeros(())
+        return self.grad[1].float().pow(2).sum()
 
     def scale_grad(self, factor):
         if self.grad is not None:
             self.grad[1].mul_(factor.to(self.grad[1].device) if torch.is_tensor(factor) else factor)
 
     def step(self, lr):
+        lr = lr * self.lr_mult
+        self.decay += math.log1p(-lr * self.weight_decay)  # every step decays every row, touched or not
         if self.grad is not None:
             ids, g = self.grad
             self.grad = None
-            self.update(ids, g, lr)
+            self.update(ids, g, lr, self.decay)
 
     @torch.no_grad()
-    def update(self, ids, g, lr):
-        """AdamW on rows ids of the table with their gradient g. The same arithmetic, in the same order, as
-        torch.optim.AdamW's single-tensor path, so a first step equals dense AdamW's bit for bit."""
-        ids = ids.to(self.table.device)
-        g = g.to(self.table.device)
-        lr = lr * self.lr_mult
+    def update(self, ids, g, lr, decay):
+        """AdamW on rows ids of the table with their gradient g, in fp32. With state=full and an fp32 table
+        it is torch.optim.AdamW's single-tensor arithmetic, in its order, so a first step equals dense
+        AdamW's bit for bit. decay: the log of the decay product up to and including this step."""
+        ids, g = ids.to(self.table.device), g.to(self.table.device, torch.float32)
         beta1, beta2 = self.betas
         step = self.row_step[ids] + 1
         self.row_step[ids] = step
-        m = self.exp_avg[ids].mul_(beta1).add_(g, alpha=1 - beta1)
-        v = self.exp_avg_sq[ids].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        self.exp_avg[ids] = m
-        self.exp_avg_sq[ids] = v
+        m = self.exp_avg[ids].float().mul_(beta1).add_(g, alpha=1 - beta1)
+        if self.rowwise:
+            v = self.exp_avg_sq[ids].mul_(beta2).add_(g.pow(2).mean(dim=1), alpha=1 - beta2).unsqueeze(1)
+        else:
+            v = self.exp_avg_sq[ids].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        self.exp_avg_sq[ids] = v.squeeze(1) if self.rowwise else v
         step = step.double().unsqueeze(1)
-        step_size = (lr / (1 - beta1 ** step)).to(g.dtype)
-        bias_correction2_sqrt = ((1 - beta2 ** step) ** 0.5).to(g.dtype)
-        p = self.table[ids]
+        step_size = (lr / (1 - beta1 ** step)).float()
+        bias_correction2_sqrt = ((1 - beta2 ** step) ** 0.5).float()
+        p = self.table[ids].float()
         if self.weight_decay:
-            p.mul_(1 - lr * self.weight_decay)
+            # the decay of every step since this row's last update, this one included
+            p.mul_(torch.exp(decay - self.row_decay[ids]).float().unsqueeze(1))
+            self.row_decay[ids] = decay
         p.add_(-step_size * m / (v.sqrt() / bias_correction2_sqrt + self.eps))
-        self.table[ids] = p
+        self.table[ids] = self.cast(p, ids, step, salt=0)
+        self.exp_avg[ids] = self.cast(m, ids, step, salt=1)
+
+    def cast(self, x, ids, step, salt):
+        if self.table.dtype != torch.bfloat16 or self.rounding == "nearest":
+            return x.to(self.table.dtype)
+        noise = hash_noise(ids, step.squeeze(1).long(), x.size(1), salt + 2 * self.seed)
+        return stochastic_round_bf16(x, noise)
 
     def state_dict(self):
-        return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "row_step": self.row_step}
+        return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "row_step": self.row_step,
+                "row_decay": self.row_decay, "decay": torch.tensor(self.decay, dtype=torch.float64)}
 
     def load_state_dict(self, state):
-        for name in ("exp_avg", "exp_avg_sq", "row_step"):
+        for name in ("exp_avg", "exp_avg_sq", "row_step", "row_decay"):
+            if state[name].shape != getattr(self, name).shape:
+                raise ValueError(f"the checkpoint's STEM optimizer {name} has shape {tuple(state[name].shape)}, "
+                                 f"this run's {tuple(getattr(self, name).shape)}: stem_state and stem_dtype "
+                                 f"must match the checkpoint's")
             getattr(self, name).copy_(state[name])
+        self.decay = float(state["decay"])
 
 
 def clip_grad_norm_(parameters, max_norm, row_optimizer=None):
     """torch.nn.utils.clip_grad_norm_ over the dense gradients and the sparse row gradients together.
     Returns the total norm before clipping."""
     grads = [p.grad for p in parameters if p.grad is not None]
-    sq = sum((torch.linalg.vector_norm(g.float()) ** 2 for g in grads), torch.zeros(()))
-    if grads:
-        sq = sq.to(grads[0].device)
-    if row_optimizer is not None:
-        sq = sq + row_optimizer.grad_sq_norm().to(sq.device)
-    total = sq.sqrt()
+    squares = [torch.linalg.vector_norm(g.float()) ** 2 for g in grads]
+    if row_optimizer is not None and row_optimizer.grad is not None:
+        squares.append(row_optimizer.grad_sq_norm())
+    if not squares:
+        return torch.zeros(())
+    total = torch.stack([s.to(squares[0].device) for s in squares]).sum().sqrt()
     if max_norm > 0:
         scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         if grads:
-            torch._foreach_mul_(grads, scale)
+            torch._foreach_mul_(grads, scale.to(grads[0].device))
         if row_optimizer is not None:
             row_optimizer.scale_grad(scale)
     return total

@@ -263,11 +263,11 @@ def test_failed_offload_update_stops_training_and_keeps_the_checkpoint(work, mon
     import stem_offload
     real_update, calls = stem_offload.OffloadedRowAdamW.update, []
 
-    def update(self, ids, g, lr):
+    def update(self, ids, g, lr, decay):
         calls.append(ids.numel())
         if len(calls) == 5:  # two updates a step (the next batch's rows, the rest): this is step 2's first
             raise RuntimeError("injected host fault")
-        return real_update(self, ids, g, lr)
+        return real_update(self, ids, g, lr, decay)
     monkeypatch.setattr(stem_offload.OffloadedRowAdamW, "update", update)
     out = work / "offload_fail"
     args = [str(work / "tiny.py"), f"--data_dir={work / 'data'}", "--dataset=tiny", f"--out_dir={out}",

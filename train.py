@@ -78,15 +78,19 @@ max_iters = 200  # optimizer steps in all
 weight_decay = 0.1  # on matmul weights only
 beta1 = 0.9
 beta2 = 0.95
-grad_clip = 1.0  # clip the gradient norm (dense and STEM rows together) to this; 0: no clipping
+grad_clip = 1.0  # clip the gradient norm to this (see stem_clip); 0: no clipping
 warmup_iters = 10
 lr_decay_iters = None  # the cosine ends here; None: at max_iters
 min_lr = 1e-3  # ~learning_rate / 10 (Chinchilla)
 # STEM tables
 stem_optim = "sparse"  # "sparse": row-wise AdamW on the rows each batch touches (stem_sparse.py); "dense": plain AdamW
 stem_kernel = "auto"  # "auto" | "triton" | "torch": how STEM layers read their rows (stem_ops.py)
-stem_lr_mult = 1.0  # the table's learning rate is lr * stem_lr_mult
-stem_weight_decay = 0.0  # weight decay on the table (the official code uses none)
+stem_lr_mult = 1.0  # the table's learning rate is lr * stem_lr_mult (the official code: 1, the backbone's lr)
+stem_weight_decay = 0.0  # table weight decay, every row every step; official: the backbone's (0.1; 0.033 at 1B)
+stem_clip = "joint"  # "joint": one norm over dense and table gradients; "separate": each clipped to grad_clip (official)
+stem_dtype = "float32"  # table (and first moment) dtype: "float32" or "bfloat16" (updates rounded stochastically)
+stem_state = "full"  # second moment: "full" per element, or "rowwise", one per row (sparse only)
+stem_rounding = "stochastic"  # bfloat16 table: "stochastic" rounding of updates, or "nearest" (loses small ones)
 stem_offload = False  # keep the table and its optimizer state in host memory (stem_offload.py); sparse only
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"  # "cpu", "cuda", "cuda:1", ...
@@ -115,7 +119,9 @@ def settings_of(cfg):
 
 def validate(cfg):
     choices = {"init_from": ("scratch", "resume"), "stem_optim": ("sparse", "dense"), "stem_kernel": KERNELS,
-               "dtype": ("float32", "bfloat16")}
+               "dtype": ("float32", "bfloat16"), "stem_clip": ("joint", "separate"),
+               "stem_dtype": ("float32", "bfloat16"), "stem_state": ("full", "rowwise"),
+               "stem_rounding": ("stochastic", "nearest")}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             hint = "; float16 would need loss scaling, which this trainer does not do" if key == "dtype" else ""
@@ -130,8 +136,9 @@ def validate(cfg):
     if cfg.stem_layers is not None and not all(type(l) is int for l in cfg.stem_layers):
         raise ConfigError(f"stem_layers must be a list of layer numbers, got {cfg.stem_layers!r}")
     GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS})  # its own checks (ffn, stem_layers, heads), early
-    if cfg.stem_offload and cfg.stem_optim != "sparse":
-        raise ConfigError("stem_offload=True needs stem_optim=sparse: the offloaded table is trained row by row")
+    for key, value in (("stem_offload", True), ("stem_state", "rowwise"), ("stem_dtype", "bfloat16")):
+        if getattr(cfg, key) == value and cfg.stem_optim != "sparse":
+            raise ConfigError(f"{key}={value} needs stem_optim=sparse: only the row-wise optimizer has it")
     check_device(cfg.device)
 
 
@@ -274,6 +281,8 @@ def micro_batches(cfg, rows_opt, step, draw=None):
 def build_model(cfg, ckpt=None):
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run with this seed
     model = GPT(GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS}))
+    if model.stem_table is not None:
+        model.stem_table.data = model.stem_table.data.to(getattr(torch, cfg.stem_dtype))
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
     model.stem_kernel = cfg.stem_kernel
@@ -285,7 +294,8 @@ def build_optimizers(cfg, model):
     """AdamW for the dense weights; the STEM table gets its own row-wise optimizer unless stem_optim=dense."""
     rows_opt = None
     if model.stem_table is not None and cfg.stem_optim == "sparse":
-        kwargs = dict(lr_mult=cfg.stem_lr_mult, weight_decay=cfg.stem_weight_decay, betas=(cfg.beta1, cfg.beta2))
+        kwargs = dict(lr_mult=cfg.stem_lr_mult, weight_decay=cfg.stem_weight_decay, betas=(cfg.beta1, cfg.beta2),
+                      state=cfg.stem_state, rounding=cfg.stem_rounding, seed=cfg.seed)
         if cfg.stem_offload:
             from stem_offload import OffloadedRowAdamW  # here: the module's name is also a setting's name
             rows_opt = OffloadedRowAdamW(model.stem_table, cfg.device, **kwargs)
@@ -339,8 +349,13 @@ def train_step(cfg, model, optimizer, rows_opt, batches, lr):
         loss_sum += loss.detach().float()
     if rows_opt is not None:
         rows_opt.sync()  # under DDP: every rank's rows, merged and averaged
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    norm = stem_sparse.clip_grad_norm_(params, cfg.grad_clip, rows_opt)
+    dense = [p for g in optimizer.param_groups if not g.get("stem") for p in g["params"]]
+    table = [p for g in optimizer.param_groups if g.get("stem") for p in g["params"]]  # stem_optim=dense
+    if cfg.stem_clip == "separate":  # the official rule: the backbone and the tables each to grad_clip
+        norm = stem_sparse.clip_grad_norm_(dense, cfg.grad_clip)
+        stem_sparse.clip_grad_norm_(table, cfg.grad_clip, rows_opt)
+    else:
+        norm = stem_sparse.clip_grad_norm_(dense + table, cfg.grad_clip, rows_opt)
     loss_avg = loss_sum / cfg.micro_steps
     if cfg.ddp:
         dist.all_reduce(loss_avg)  # every rank sees the same mean loss, and so stops alike
