@@ -157,10 +157,16 @@ class SparseRowAdamW:
             self.update(ids, g, lr, self.decay)
 
     @torch.no_grad()
-    def update(self, ids, g, lr, decay):
-        """AdamW on rows ids of the table with their gradient g, in fp32. With state=full and an fp32 table
-        it is torch.optim.AdamW's single-tensor arithmetic, in its order, so a first step equals dense
-        AdamW's bit for bit. decay: the log of the decay product up to and including this step."""
+    def update(self, ids, g, lr, decay, rows_at_once=4096):
+        """AdamW on rows ids of the table with their gradient g. Rows are independent, so they go in slices:
+        the fp32 temporaries stay a few rows_at_once x width, however many rows a step touched."""
+        for i in range(0, ids.numel(), rows_at_once):
+            self.update_rows(ids[i:i + rows_at_once], g[i:i + rows_at_once], lr, decay)
+
+    def update_rows(self, ids, g, lr, decay):
+        """In fp32. With state=full and an fp32 table this is torch.optim.AdamW's single-tensor arithmetic, in
+        its order, so a first step equals dense AdamW's bit for bit. decay: the log of the decay product up to
+        and including this step."""
         ids, g = ids.to(self.table.device), g.to(self.table.device, torch.float32)
         beta1, beta2 = self.betas
         step = self.row_step[ids] + 1

@@ -1,52 +1,106 @@
-"""Smoke test of bench.py: its cheapest measurements at toy sizes, through the real code paths. Checks the
-structure and sanity of what comes out, never the timings themselves."""
+"""bench.py's cheapest measurements at toy sizes, through the real code paths (model.STEM fed a StemRows, training
+steps by train.train_step in a child process, OffloadedRowAdamW's counters), and its settings. What is checked could
+be wrong: the model's FLOP accounting, that the printed tables hold what the JSON holds, the per-round ratios, the
+byte counts; never the timings themselves."""
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import bench
+from configurator import ConfigError
+
+HERE = Path(__file__).resolve().parent
 
 
-def run(tmp_path, *args):
+def run(tmp_path, capsys, *args):
+    """bench.main at toy sizes; checks that every table printed is the JSON's, cell for cell; returns the JSON."""
     out = tmp_path / "bench.json"
     threads = torch.get_num_threads()
     try:  # one thread: toy shapes gain nothing from two, and stall when other jobs share the cores
-        results = bench.main(["--tiny=True", "--device=cpu", "--dtype=float32", "--threads=1", f"--json={out}",
-                              *args])
+        results = bench.main(["--tiny=True", "--device=cpu", "--dtype=float32", "--threads=1", "--reps=2",
+                              "--warmup=1", f"--json={out}", *args])
     finally:
         torch.set_num_threads(threads)  # as the rest of the test session had it
-    with open(out) as f:
-        assert set(results) <= set(json.load(f))  # what was returned was also written
-    return results
+    printed, written = capsys.readouterr().out, json.loads(out.read_text())
+    assert set(results) <= set(written)
+    for name, res in results.items():
+        table = printed.split(f"### {res['title']}\n")[1].split("\n\n")[0].strip()  # header, |---|, rows
+        cells = [line[2:-2].split(" | ") for line in table.splitlines()[2:]]
+        assert cells == [[bench.fmt(v) for v in row] for row in written[name]["rows"]], name
+    return written
 
 
 def test_ffn(tmp_path, capsys):
-    res = run(tmp_path, "--what=ffn", "--reps=1", "--warmup=0")["ffn"]
-    assert [row[0] for row in res["rows"]] == ["swiglu", "stem", "moe"]
-    ms, ratio, flops = ({row[0]: row[i] for row in res["rows"]} for i in (2, 3, 4))
-    assert all(t > 0 and math.isfinite(t) for t in ms.values())
-    assert ratio["swiglu"] == 1.0
-    assert flops["stem"] == pytest.approx(2 / 3) and 1.0 < flops["moe"] < 1.05  # the model's accounting
-    assert "| stem | torch |" in capsys.readouterr().out  # printed as a markdown table
+    res = run(tmp_path, capsys, "--what=ffn")["ffn"]
+    rows = {row[0]: row for row in res["rows"]}
+    assert set(rows) == {"swiglu", "stem", "moe"} and rows["stem"][1] == "torch"  # no Triton on a CPU
+    assert all(r[2] > 0 and math.isfinite(r[2]) for r in rows.values())
+    assert rows["stem"][4] == pytest.approx(2 / 3)  # GPT's accounting: W_gate and W_down of SwiGLU's three
+    assert 1.0 < rows["moe"][4] < 1.05  # top-2 of 8 half-width experts = SwiGLU's FLOPs, plus the router
 
 
-def test_capacity(tmp_path):
-    res = run(tmp_path, "--what=capacity")["capacity"]
-    contexts = [row[0] for row in res["rows"]]
-    distinct = [row[2] for row in res["rows"]]
-    stem_active, dense_active = [row[5] for row in res["rows"]], [row[6] for row in res["rows"]]
+def test_step_through_train_step(tmp_path, capsys):
+    res = run(tmp_path, capsys, "--what=step")["step"]
+    rows = {row[0]: row for row in res["rows"]}
+    assert list(rows) == ["stem", "swiglu"]
+    stem = res["raw"]["stem@1024"]
+    assert len(stem["times_ms"]) == 2  # one time per round
+    low, high = map(float, rows["stem"][5].split("-"))
+    assert low <= rows["stem"][4] <= high  # the median of the per-round ratios lies within their range
+    assert rows["stem"][6] < 1.0  # STEM's layers drop W_up: fewer FLOPs per token than SwiGLU
+    for row in rows.values():  # a fresh model's loss on 1024-way text is near ln(1024): it trained on real batches
+        assert abs(row[9] - math.log(1024)) < 1.0
+
+
+def test_capacity(tmp_path, capsys):
+    rows = run(tmp_path, capsys, "--what=capacity")["capacity"]["rows"]
+    contexts, distinct, stem_active = [r[0] for r in rows], [r[2] for r in rows], [r[5] for r in rows]
     assert contexts == sorted(contexts) and all(0 < d <= L for d, L in zip(distinct, contexts))
     assert distinct == sorted(distinct)  # a longer context touches more distinct rows...
     assert stem_active == sorted(stem_active)  # ...so more STEM parameters are active per sequence
-    assert len(set(dense_active)) == 1  # while a dense model's do not depend on the context
 
 
-def test_settings_are_checked():
-    with pytest.raises(SystemExit, match="unknown key"):
-        bench.parse_args(["--nope=1"])
-    with pytest.raises(SystemExit, match="must be int"):
-        bench.parse_args(["--reps=many"])
-    assert bench.parse_args(["--what=gather", "--reps=3"])["reps"] == 3
+def test_offload_byte_counts(tmp_path, capsys):
+    m = run(tmp_path, capsys, "--what=offload")["offload"]["raw"]
+    assert m["to_host"] == m["expected_to_host"]  # one merged gradient per distinct row, each step
+    assert m["to_device"] >= m["expected_to_device"]  # every row the model reads came across
+
+
+def test_settings_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key --nope"):
+        bench.parse_settings(["--nope=1"])
+    with pytest.raises(ConfigError, match="reps must be an int"):
+        bench.parse_settings(["--reps=many"])
+    with pytest.raises(ConfigError, match="what must be all or one of"):
+        bench.parse_settings(["--what=everything"])
+    config = tmp_path / "quick.py"
+    config.write_text("reps = 3\nwhat = 'gather'\n")
+    settings = bench.parse_settings([str(config), "--what=sample"])  # a config file, then the command line wins
+    assert (settings["reps"], settings["what"]) == (3, "sample")
+
+
+def test_help_lists_keys_with_their_comments(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.parse_settings(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "round-robin" in out  # the docstring, which says how timings are taken
+    for key in bench.DEFAULTS:
+        assert f"--{key}=" in out
+    assert "timed rounds per measurement" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without CUDA gives")
+def test_gpu_check_without_cuda_is_one_line():
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(HERE / "bench.py"), "--what=gpu"], cwd=HERE, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.startswith("bench.py: error: --what=gpu needs a CUDA GPU") and proc.stderr.count("\n") == 1

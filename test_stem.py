@@ -14,7 +14,7 @@ import torch
 
 import stem_ops
 from model import GPT, GPTConfig, StemRows
-from stem_sparse import SparseRowAdamW, clip_grad_norm_, merge_rows
+from stem_sparse import SparseRowAdamW, clip_grad_norm_, hash_noise, merge_rows, stochastic_round_bf16
 
 HERE = Path(__file__).resolve().parent
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -269,6 +269,49 @@ def test_sparse_state_round_trips():
         assert torch.equal(other.state_dict()[key], value), key
 
 
+def test_stochastic_rounding_is_unbiased_and_repeatable():
+    """The mean of many stochastic roundings of one fp32 value lands on it (plain rounding does not), and the
+    same (seed, row, step) gives the same bits. (Mutations caught: noise on the wrong bits, a biased mask,
+    a hash that ignores the row's step.)"""
+    x = torch.full((1, 4096), 1.0 + 2 ** -9)  # a quarter of the way from bf16's 1.0 to its next value, 1+2**-7
+    ids, steps = torch.zeros(1, dtype=torch.long), torch.arange(1, 401)
+    rounded = torch.stack([stochastic_round_bf16(x, hash_noise(ids, s.view(1), 4096, salt=0)).float()
+                           for s in steps])
+    assert set(rounded.unique().tolist()) == {1.0, 1.0 + 2 ** -7}
+    assert abs(rounded.mean().item() - x[0, 0].item()) < 2e-5  # bf16 step 2**-7; std of the mean ~1e-5
+    assert x.to(torch.bfloat16).float().mean().item() == 1.0  # nearest loses the quarter step entirely
+    assert torch.equal(hash_noise(ids, steps[:1], 64, 0), hash_noise(ids, steps[:1], 64, 0))
+    assert not torch.equal(hash_noise(ids, steps[:1], 64, 0), hash_noise(ids, steps[1:2], 64, 0))
+    assert not torch.equal(hash_noise(ids, steps[:1], 64, 0), hash_noise(ids + 1, steps[:1], 64, 0))
+
+
+def test_rowwise_state_shapes_and_bytes():
+    model = tiny_stem()
+    model.stem_table.data = model.stem_table.data.bfloat16()
+    opt = SparseRowAdamW(model.stem_table, state="rowwise")
+    V, W = model.stem_table.shape
+    assert opt.exp_avg.shape == (V, W) and opt.exp_avg.dtype == torch.bfloat16
+    assert opt.exp_avg_sq.shape == (V,) and opt.exp_avg_sq.dtype == torch.float32
+    per_param = (model.stem_table.element_size() * V * W + opt.exp_avg.element_size() * V * W
+                 + 4 * V) / (V * W)
+    assert per_param == pytest.approx(4 + 4 / W)  # ~4 bytes a parameter, against 12 for fp32 + full
+    opt.grad = (torch.tensor([2, 5]), torch.randn(2, W))
+    opt.step(1e-2)
+    assert model.stem_table.dtype == torch.bfloat16 and opt.exp_avg_sq.nonzero().flatten().tolist() == [2, 5]
+
+
+def test_rowwise_second_moment_is_the_row_mean_of_squares():
+    table = torch.nn.Parameter(torch.zeros(5, 4))
+    opt = SparseRowAdamW(table, state="rowwise", betas=(0.9, 0.5))
+    ids, g = torch.tensor([1, 3]), torch.tensor([[1.0, 2, 3, 4], [0, 0, 0, 2]])
+    opt.grad = (ids, g)
+    opt.step(1e-2)
+    torch.testing.assert_close(opt.exp_avg_sq, torch.tensor([0, 0.5 * 7.5, 0, 0.5 * 1.0, 0]))
+    # Adam's first step moves every touched element by about lr * sign(m) / sqrt(v_row) * |m|
+    expect = -1e-2 * g / g.pow(2).mean(1, keepdim=True).sqrt()
+    torch.testing.assert_close(table[ids], expect, rtol=1e-5, atol=1e-6)
+
+
 DDP_SCRIPT = r"""
 import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, {repo!r})
@@ -358,12 +401,15 @@ def offloaded(model, **kw):
     return OffloadedRowAdamW(model.stem_table, "cpu", weight_decay=0.1, **kw)
 
 
-def test_offload_training_equals_on_device_sparse():
+@pytest.mark.parametrize("dtype,state", [(torch.float32, "full"), (torch.bfloat16, "rowwise")])
+def test_offload_training_equals_on_device_sparse(dtype, state):
     batches = make_batches(6, vocab_hi=12, seed=3)  # few distinct ids: consecutive batches share most rows
-    ref_model = tiny_stem()
-    ref_losses, _ = run_rows_training(ref_model, SparseRowAdamW(ref_model.stem_table, weight_decay=0.1), batches)
-    model = tiny_stem()
-    offload = offloaded(model)
+    ref_model, model = tiny_stem(), tiny_stem()
+    for m in (ref_model, model):
+        m.stem_table.data = m.stem_table.data.to(dtype)
+    ref_rows = SparseRowAdamW(ref_model.stem_table, weight_decay=0.1, state=state)
+    ref_losses, _ = run_rows_training(ref_model, ref_rows, batches)
+    offload = offloaded(model, state=state)
     losses, _ = run_rows_training(model, offload, batches)
     offload.flush()
     assert losses == ref_losses

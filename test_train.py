@@ -45,6 +45,7 @@ lr_decay_iters = 8
 max_iters = 100  # overridden on the command line: checks that the command line wins
 """
 N = 4  # steps of the base run; the resume test goes on to 2N
+LEAN = ["--stem_dtype=bfloat16", "--stem_state=rowwise", "--stem_weight_decay=0.1"]  # the 4-byte table
 
 
 class Job:
@@ -124,6 +125,8 @@ def wave1(work):
     runs = {
         "base": train_args(work, "base", f"--max_iters={N}"),  # sparse STEM rows, 2 micro-steps
         "whole": train_args(work, "whole", f"--max_iters={2 * N}"),
+        "base16": train_args(work, "base16", f"--max_iters={N}", *LEAN),
+        "whole16": train_args(work, "whole16", f"--max_iters={2 * N}", *LEAN),
         "dense": train_args(work, "dense", f"--max_iters={N}", "--stem_optim=dense"),
         "moe": train_args(work, "moe", f"--max_iters={N}", "--ffn=moe", "--n_expert=4"),
         # the same global batch of 4 micro-batches: one process, and 2 ranks x 2 micro-steps (DDP's no_sync path)
@@ -133,6 +136,8 @@ def wave1(work):
         "ill_typed": [TRAIN, "--batch_size=lots"],
         "no_data": [TRAIN, "--data_dir=nowhere"],
         "no_checkpoint": [SAMPLE, "--out_dir=nowhere"],
+        "plan": [TRAIN, HERE / "config" / "train_gpt2_small_stem.py", "--plan=True", "--plan_gpu_gb=80",
+                 "--data_dir=nowhere"],
     }
     return {name: Job(*args, cwd=job_dir(work, name), nice=0 if name == "base" else 10)
             for name, args in runs.items()}
@@ -145,13 +150,16 @@ def base_run(work, wave1):
 
 
 @pytest.fixture(scope="module")
-def wave2(work, base_run):
+def wave2(work, wave1, base_run):
     """Every run that starts from the base run's checkpoint (each from its own copy), started at once."""
     for name in ("resumed", "mismatch", "diverge"):
         shutil.copytree(base_run, work / name)
+    wave1["base16"].result()
+    shutil.copytree(work / "base16", work / "resumed16")
     (work / "long.txt").write_text("To be, or not to be, that is the question. " * 20)
     runs = {
         "resumed": [TRAIN, "--init_from=resume", f"--out_dir={work / 'resumed'}", f"--max_iters={2 * N}"],
+        "resumed16": [TRAIN, "--init_from=resume", f"--out_dir={work / 'resumed16'}", f"--max_iters={2 * N}"],
         "mismatch": [TRAIN, "--init_from=resume", f"--out_dir={work / 'mismatch'}", "--n_layer=3"],
         "diverge": [TRAIN, "--init_from=resume", f"--out_dir={work / 'diverge'}", f"--max_iters={3 * N}",
                     "--learning_rate=1e30", "--warmup_iters=0"],
@@ -198,11 +206,13 @@ def test_sample_prints_the_greedy_continuation(base_run, wave2):
     assert len(expect) > len("ROMEO:")
 
 
-def test_resume_is_exact(work, wave1, wave2):
-    """N steps, then N more from the checkpoint, equal 2N steps in one run: losses and final weights."""
-    whole, resumed = work / "whole", work / "resumed"
-    wave1["whole"].result()
-    wave2["resumed"].result()
+@pytest.mark.parametrize("kind", ["", "16"])
+def test_resume_is_exact(work, wave1, wave2, kind):
+    """N steps, then N more from the checkpoint, equal 2N steps in one run: losses and final weights, bit for
+    bit; also for a bf16 table with rowwise moments and stochastic rounding (kind "16")."""
+    whole, resumed = work / f"whole{kind}", work / f"resumed{kind}"
+    wave1[f"whole{kind}"].result()
+    wave2[f"resumed{kind}"].result()
     assert losses(resumed) == losses(whole) and len(losses(whole)) == 2 * N
     assert evals(resumed) == evals(whole)
     a = torch.load(whole / "ckpt.pt", weights_only=True)
@@ -212,6 +222,8 @@ def test_resume_is_exact(work, wave1, wave2):
         assert torch.equal(tensor, b["model"][name]), name
     for name, tensor in a["stem_optimizer"].items():
         assert torch.equal(tensor, b["stem_optimizer"][name]), name
+    if kind:
+        assert a["model"]["stem_table"].dtype == torch.bfloat16 and a["stem_optimizer"]["exp_avg_sq"].dim() == 1
 
 
 @pytest.mark.parametrize("name,needles", [
@@ -345,3 +357,53 @@ def test_lr_schedule():
     assert train.get_lr(cfg, 0) < train.get_lr(cfg, 9) < train.get_lr(cfg, 10) == pytest.approx(1.0)
     assert train.get_lr(cfg, 60) == pytest.approx(0.55)
     assert train.get_lr(cfg, 110) == train.get_lr(cfg, 500) == 0.1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the memory plan
+
+def test_plan_prints_and_stops_without_data_or_gpu(wave1):
+    _, out, _ = wave1["plan"].result()
+    assert "STEM tables" in out and "4.22GB" in out  # 50304 x 11 x 2048 float32
+    assert "largest batch_size that fits a 80 GB GPU at block_size 1024:" in out
+    assert "starting at step" not in out  # it stopped before building anything
+
+
+def tensor_bytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
+
+@pytest.mark.parametrize("lean", [False, True])
+def test_plan_matches_real_allocation(work, lean):
+    """The plan's weights, gradients, optimizer and table state against the tensors a real step leaves, and
+    its activation estimate against the bytes autograd saves, each within 10%."""
+    import memory_plan
+    cfg = train.configure([str(work / "tiny.py"), f"--data_dir={work / 'data'}", "--dataset=tiny", "--device=cpu",
+                           "--dtype=float32", *(LEAN if lean else [])])
+    train.setup_distributed(cfg)
+    model = train.build_model(cfg)
+    optimizer, rows_opt = train.build_optimizers(cfg, model)
+    train.train_step(cfg, model, optimizer, rows_opt, train.micro_batches(cfg, rows_opt, 0), 1e-3)
+    dense = [p for p in model.parameters() if p.requires_grad]
+    real = (tensor_bytes(model.parameters()) + tensor_bytes(dense)  # weights, and a gradient each in the step
+            + tensor_bytes(v for s in optimizer.state.values() for v in s.values() if v.dim())
+            + tensor_bytes(rows_opt.state_dict().values()))
+    planned = memory_plan.plan(cfg)
+    persistent = sum(d for what, d, _ in planned if what.startswith(("dense", "STEM")))
+    assert persistent == pytest.approx(real, rel=0.1)
+    # activations: what autograd saves in a forward (not the weights), with a small vocabulary and wide layers
+    # so that the per-layer part, not the logits, dominates
+    small = train.configure(["--vocab_size=512", "--n_embd=128", "--n_layer=4", "--block_size=64"])
+    torch.manual_seed(0)
+    net = train.GPT(train.GPTConfig(**{k: getattr(small, k) for k in train.MODEL_KEYS}))
+    weights, saved = {p.untyped_storage().data_ptr() for p in net.parameters()}, {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    x = torch.randint(0, 512, (4, 64))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net(x, x)
+    estimate = memory_plan.saved_activation_bytes(net.config, x.numel(), "float32")
+    assert estimate == pytest.approx(sum(saved.values()), rel=0.1)

@@ -36,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import configurator
+import memory_plan
 import stem_sparse
 from configurator import ConfigError
 from model import GPT, GPTConfig, check_ids
@@ -96,12 +97,15 @@ stem_offload = False  # keep the table and its optimizer state in host memory (s
 device = "cuda" if torch.cuda.is_available() else "cpu"  # "cpu", "cuda", "cuda:1", ...
 dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"  # or "float32"
 compile = False  # torch.compile the model (slow to start; worth it on a GPU)
+plan = False  # print the memory plan (memory_plan.py) and stop, allocating nothing
+plan_gpu_gb = 0.0  # with plan: a GPU's memory in GB, e.g. 80, to name the largest batch_size that fits
 seed = 1337
 # ----------------------------------------------------------------------------------------------------------
 DEFAULTS = configurator.defaults_of(globals())
 NULLABLE = {"d_ff": int, "stem_layers": list, "lr_decay_iters": int}  # keys whose default None stands for a value
 MODEL_KEYS = [f.name for f in dataclasses.fields(GPTConfig)]
-MACHINE_KEYS = ("init_from", "out_dir", "device", "dtype", "compile", "stem_kernel", "stem_offload")  # not from a ckpt
+MACHINE_KEYS = ("init_from", "out_dir", "device", "dtype", "compile", "stem_kernel", "stem_offload", "plan",
+                "plan_gpu_gb")  # not from a ckpt
 assert set(MODEL_KEYS) <= set(DEFAULTS), "every GPTConfig field must be a setting here"
 
 
@@ -139,7 +143,8 @@ def validate(cfg):
     for key, value in (("stem_offload", True), ("stem_state", "rowwise"), ("stem_dtype", "bfloat16")):
         if getattr(cfg, key) == value and cfg.stem_optim != "sparse":
             raise ConfigError(f"{key}={value} needs stem_optim=sparse: only the row-wise optimizer has it")
-    check_device(cfg.device)
+    if not cfg.plan:  # a plan may be made for a machine that is not this one
+        check_device(cfg.device)
 
 
 def check_device(name):
@@ -467,9 +472,14 @@ def main(argv):
         ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
         adopt_checkpoint(cfg, ckpt)
     validate(cfg)
+    if cfg.plan:
+        print(memory_plan.report(cfg))
+        return
     check_data(cfg)
     setup_distributed(cfg)
     master = cfg.rank == 0
+    if master:
+        print(memory_plan.report(cfg))
     model = build_model(cfg, ckpt)
     raw_model = model  # what gets saved: no torch.compile or DDP wrapper, so no _orig_mod./module. prefixes
     optimizer, rows_opt = build_optimizers(cfg, model)  # before DDP, which must not see the sparse table

@@ -1,0 +1,88 @@
+"""
+What a training run keeps in memory, counted before anything is allocated (the model is built on the meta
+device). train.py prints it at the start of a run; `python train.py --plan=True` prints it and stops, and with
+--plan_gpu_gb=80 also names the largest batch_size that fits a GPU of that size.
+
+Bytes per parameter: dense weights 4 + gradient 4 + AdamW moments 8. A STEM table parameter: the weight and the
+first moment in stem_dtype (4 or 2 each) and the second moment, 4 per element (stem_state=full) or 4 per row
+(rowwise): 12 bytes for float32/full, about 4 for bfloat16/rowwise. Rows of a step are counted at their upper
+bound (every position a distinct token); real text touches far fewer (see bench.py's capacity table).
+Activations: what autograd saves per position, about 11 [n_embd] and 4 [d_ff] tensors a layer (measured with
+saved-tensor hooks, see test_train.py), plus the [vocab] log-softmax, and during the backward the logits and
+their gradient. Under bfloat16 autocast the [d_ff] tensors take 2 bytes (checked on a CPU only for float32).
+"""
+
+import torch
+
+from model import GPT, GPTConfig
+
+GB = 2 ** 30
+
+
+def saved_activation_bytes(c, positions, dtype):
+    """Bytes autograd saves in one micro-batch's forward."""
+    d_ff_bytes = 2 if dtype == "bfloat16" else 4  # under autocast the norms still save float32 copies
+    per_position = c.n_layer * (11 * c.n_embd * 4 + 4 * c.d_ff * d_ff_bytes) + 3 * c.n_embd * 4 + 4 * c.vocab_size
+    return positions * per_position
+
+
+def plan(cfg, batch_size=None):
+    """[(what, device bytes, host bytes)] for a run with settings cfg (train.py's), at batch_size."""
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**{k: getattr(cfg, k) for k in GPTConfig.__dataclass_fields__}))
+    c = model.config
+    B = batch_size or cfg.batch_size
+    positions, micro = B * cfg.block_size, max(1, cfg.gradient_accumulation_steps // getattr(cfg, "world_size", 1))
+    table = model.stem_table.numel() if model.stem_table is not None else 0
+    dense = model.num_params() - table
+    rows = []
+    rows.append(("dense weights + gradients + AdamW moments", 16 * dense, 0))
+    if table:
+        V, W = model.stem_table.shape
+        tb = 2 if cfg.stem_dtype == "bfloat16" else 4
+        if cfg.stem_optim == "dense":
+            state = 12 * table  # gradient and two fp32 moments, the whole table every step
+        else:
+            state = tb * table + (4 * V if cfg.stem_state == "rowwise" else 4 * table) + 16 * V  # + row_step, row_decay
+        where = (lambda n: (0, n)) if cfg.stem_offload else (lambda n: (n, 0))
+        rows.append(("STEM tables", *where(tb * table)))
+        rows.append(("STEM table optimizer state", *where(state)))
+        if cfg.stem_optim == "sparse":
+            step_rows = min(V, micro * positions)  # at most: every position a distinct token
+            buffers = (2 * min(V, positions) + step_rows) * W * tb  # rows, their gradient; the step's merge
+            update = 6 * min(step_rows, 4096) * W * 4  # fp32 temporaries of the update, 4096 rows at a time
+            if cfg.stem_offload:
+                rows.append(("rows of one step (at most)", buffers, update))
+                rows.append(("pinned staging for row copies", 0, 2 * min(V, positions) * W * tb))
+            else:
+                rows.append(("rows of one step (at most)", buffers + update, 0))
+    activations = saved_activation_bytes(c, positions, cfg.dtype) + 2 * positions * c.vocab_size * 4
+    rows.append((f"activations, batch_size {B} x {cfg.block_size} (estimate)", activations, 0))
+    return rows
+
+
+def largest_batch(cfg, gpu_bytes):
+    """The largest batch_size whose plan fits gpu_bytes, leaving 10% to the allocator; 0 if none does."""
+    fits = lambda b: sum(device for _, device, _ in plan(cfg, b)) <= 0.9 * gpu_bytes
+    lo, hi = 0, 1
+    while hi <= 4096 and fits(hi):
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def report(cfg):
+    rows = plan(cfg)
+    width = max(len(r[0]) for r in rows) + 2
+    lines = [f"memory plan ({'offload' if cfg.stem_offload else 'on the device'}, table {cfg.stem_dtype}/"
+             f"{cfg.stem_state}):", f"  {'':{width}}{'device':>10}{'host':>10}"]
+    for what, device, host in rows + [("total", sum(r[1] for r in rows), sum(r[2] for r in rows))]:
+        lines.append(f"  {what:{width}}{device / GB:>8.2f}GB{host / GB:>8.2f}GB")
+    if getattr(cfg, "plan_gpu_gb", 0):
+        best = largest_batch(cfg, cfg.plan_gpu_gb * GB)
+        lines.append(f"  largest batch_size that fits a {cfg.plan_gpu_gb:g} GB GPU at block_size {cfg.block_size}: "
+                     + (str(best) if best else "none (try stem_offload=True, or stem_dtype=bfloat16 "
+                                               "stem_state=rowwise)"))
+    return "\n".join(lines)
