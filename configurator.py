@@ -78,9 +78,10 @@ def read_config_file(path, current):
     return {k: scope[k] for k in dict.fromkeys(assigned) if not k.startswith("_")}
 
 
-def parse(argv, defaults, nullable=None, prog="", doc="", repeatable=()):
+def parse(argv, defaults, nullable=None, prog="", doc="", repeatable=(), choices=None):
     """Returns (settings dict, set of keys given explicitly). Keys in `repeatable` collect every --key=value
-    into a list. Raises ConfigError for anything it cannot use; --help prints the keys and exits."""
+    into a list; choices {key: allowed values}. Raises ConfigError for anything it cannot use; --help prints
+    the keys and exits."""
     nullable = nullable or {}
     settings, explicit = dict(defaults), set()
     valid = "valid keys: " + ", ".join(defaults)
@@ -112,14 +113,30 @@ def parse(argv, defaults, nullable=None, prog="", doc="", repeatable=()):
         else:
             raise ConfigError(f"cannot use argument {arg!r}: give config/*.py files and --key=value settings "
                               f"(see {os.path.basename(prog)} --help)")
+    for key, allowed in (choices or {}).items():
+        if settings[key] not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, allowed))}, got {settings[key]!r}")
     return settings, explicit
 
 
-def configure(namespace, argv=None, nullable=None, repeatable=()):
+def configure(namespace, argv=None, nullable=None, repeatable=(), choices=None):
     """The settings of the program whose globals() are `namespace`, as a SimpleNamespace."""
     settings, _ = parse(sys.argv[1:] if argv is None else argv, defaults_of(namespace), nullable,
-                        namespace["__file__"], namespace.get("__doc__") or "", repeatable)
+                        namespace["__file__"], namespace.get("__doc__") or "", repeatable, choices)
     return SimpleNamespace(**settings)
+
+
+def check_device(name):
+    """A device setting this machine can use, or a ConfigError that says what to write instead."""
+    import torch  # here, so that programs without torch (prepare.py) do not pay for its import
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {name!r} is not supported: use cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but CUDA is not available here; use --device=cpu")
 
 
 def print_help(prog, doc, defaults):

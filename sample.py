@@ -20,7 +20,7 @@ from configurator import ConfigError
 from knowledge_edit import MODES as EDIT_MODES, EditedRows, check_model, check_prompt, make_edits, table_rows
 from model import GPT, GPTConfig
 from prepare import load_tokenizer
-from train import check_device, load_checkpoint
+from train import load_checkpoint
 
 # ----------------------------------------------------------------------------------------------------------
 out_dir = "out"  # reads out_dir/ckpt.pt
@@ -39,7 +39,7 @@ edit_mode = "one_to_one"  # SOURCE and TARGET of unequal token length: one_to_on
 
 
 def validate(cfg):
-    check_device(cfg.device)
+    configurator.check_device(cfg.device)
     if cfg.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"dtype must be one of float32, bfloat16, float16, got {cfg.dtype!r}")
     if cfg.num_samples < 1 or cfg.max_new_tokens < 0 or cfg.temperature < 0:

@@ -170,8 +170,9 @@ class OffloadedRowAdamW(SparseRowAdamW):
         else:
             future = self._submit("row gather", self._gather, idx.to("cpu"))
         self.prefetched = None
-        ids, inverse, rows, event = future.result()
+        future.exception()  # wait; then a failed job (this one, or an update it waited for) raises as itself
         self.check()
+        ids, inverse, rows, event = future.result()
         if self.cuda:
             stream = torch.cuda.current_stream(self.device)
             if event is not None:
