@@ -34,9 +34,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 from configurator import ConfigError, defaults_of, parse, run_main
 from knowledge_edit import MODES, EditError, EditedRows, edited_rows, make_edits, plan_edits, table_rows
-from model import GPT, GPTConfig
 from prepare import load_tokenizer, prepare
 
 # ----------------------------------------------------------------------------------------------------------
@@ -159,12 +159,8 @@ def prompt_ids(enc, template, country, capital):
 
 
 def load_model(path, device="cpu"):
-    if not os.path.exists(path):
-        raise EditError(f"no checkpoint at {path}")
-    ckpt = torch.load(path, map_location=device, weights_only=True)
-    model = GPT(GPTConfig(**ckpt["model_args"]))
-    model.load_state_dict(ckpt["model"])
-    return model.eval().to(device), ckpt
+    model, ckpt = checkpoint.load_model(path)
+    return model.to(device), ckpt
 
 
 @torch.no_grad()

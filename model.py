@@ -30,12 +30,9 @@ STEM_TYPES = ("stem", "stem_dagger", "stem_gate")
 
 # Dense bf16 tensor-core peak FLOP/s by GPU model, for MFU. Matched by substring of the CUDA device name,
 # most specific first. Unknown GPUs and CPUs get no MFU ("n/a") rather than a made-up number.
-PEAK_BF16_FLOPS = [
-    ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("B200", 2250e12),
-    ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
-    ("A10G", 70e12), ("A10", 125e12), ("A6000", 155e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
-    ("V100", 125e12), ("T4", 65e12),
-]
+PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("B200", 2250e12),
+                   ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+                   ("A10G", 70e12), ("A10", 125e12), ("A6000", 155e12), ("RTX 4090", 165e12), ("V100", 125e12)]
 
 
 @dataclass
@@ -64,16 +61,13 @@ class GPTConfig:
             self.d_ff = 64 * math.ceil(8 * self.n_embd / 3 / 64)
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
             raise ValueError(f"n_embd {self.n_embd} must split into n_head {self.n_head} heads of even size")
-        if self.ffn in STEM_TYPES:
-            if self.stem_layers is None:
-                self.stem_layers = list(range(1, self.n_layer))
-            layers = sorted({int(l) for l in self.stem_layers})
-            bad = [l for l in layers if not 0 <= l < self.n_layer]
-            if bad:
-                raise ValueError(f"stem_layers {bad} are outside the model: layers are 0..{self.n_layer - 1}")
-            self.stem_layers = layers
-        else:
+        if self.ffn not in STEM_TYPES:
             self.stem_layers = []  # only STEM models have tables
+        self.stem_layers = sorted({int(l) for l in (range(1, self.n_layer) if self.stem_layers is None
+                                                    else self.stem_layers)})
+        if [l for l in self.stem_layers if not 0 <= l < self.n_layer]:
+            raise ValueError(f"stem_layers {[l for l in self.stem_layers if not 0 <= l < self.n_layer]} are outside "
+                             f"the model: layers are 0..{self.n_layer - 1}")
         if self.ffn == "moe":
             if not 1 <= self.moe_top_k <= self.n_expert:
                 raise ValueError(f"moe_top_k {self.moe_top_k} must be between 1 and n_expert {self.n_expert}")
@@ -120,25 +114,21 @@ class RMSNorm(nn.Module):
 def rope_tables(head_dim, length, theta):
     """cos/sin of the rotary angles, [length, head_dim], in the rotate-half layout (pairs i and i + d/2)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq).repeat(1, 2)
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos + rotated * sin).type_as(x)
+    return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
 
 
 class KVCache:
     """Keys and values of every token seen so far, for all layers, preallocated to block_size."""
 
     def __init__(self, config, batch_size, device, dtype):
-        head_dim = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, config.block_size, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.k, self.v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0  # number of positions already cached
 
     def append(self, layer, k, v):
@@ -151,10 +141,8 @@ class KVCache:
 class Attention(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
-        self.layer = layer
-        self.n_head = config.n_head
+        self.layer, self.n_head, self.dropout = layer, config.n_head, config.dropout
         self.head_dim = config.n_embd // config.n_head
-        self.dropout = config.dropout
         self.wq = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.wk = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.wv = nn.Linear(config.n_embd, config.n_embd, bias=False)
@@ -200,11 +188,10 @@ class MoE(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.top_k = config.moe_top_k
-        self.aux_weight, self.z_weight = config.moe_aux_weight, config.moe_z_weight
+        self.top_k, self.aux_weight, self.z_weight = config.moe_top_k, config.moe_aux_weight, config.moe_z_weight
         self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
-        hidden = config.d_ff // config.moe_top_k
-        self.experts = nn.ModuleList(SwiGLU(config.n_embd, hidden) for _ in range(config.n_expert))
+        self.experts = nn.ModuleList(SwiGLU(config.n_embd, config.d_ff // config.moe_top_k)
+                                     for _ in range(config.n_expert))
 
     def forward(self, x):
         B, T, C = x.shape
@@ -367,8 +354,7 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------------------------------------------
     # Accounting: what a user compares FFN types by.
 
-    def num_params(self):
-        """Every parameter (a tied embedding once)."""
+    def num_params(self):  # every parameter, a tied embedding once
         return sum(p.numel() for p in self.parameters())
 
     def active_params_per_token(self):
@@ -401,17 +387,14 @@ class GPT(nn.Module):
         per layer (counted for the full T, PaLM's convention); a training step costs 3x the forward.
         Table lookups are memory reads, not FLOPs."""
         c = self.config
-        T = seq_len or c.block_size
-        forward = 2 * self.matmul_params_per_token() + 4 * c.n_layer * T * c.n_embd
+        forward = 2 * self.matmul_params_per_token() + 4 * c.n_layer * (seq_len or c.block_size) * c.n_embd
         return 3 * forward if training else forward
 
     def estimate_mfu(self, tokens_per_s, device, seq_len=None):
         """Model FLOPs utilisation against the GPU's dense bf16 peak; None on a CPU or an unknown GPU."""
-        device = torch.device(device)
-        if device.type != "cuda":
+        if torch.device(device).type != "cuda":
             return None
-        name = torch.cuda.get_device_name(device)
-        peak = next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+        peak = next((f for key, f in PEAK_BF16_FLOPS if key in torch.cuda.get_device_name(device)), None)
         return None if peak is None else self.flops_per_token(seq_len) * tokens_per_s / peak
 
     # ------------------------------------------------------------------------------------------------------
@@ -453,10 +436,8 @@ class GPT(nn.Module):
                 start = cache.pos  # feed what the cache has not seen yet
             else:
                 cache, start = None, max(0, idx.size(1) - bs)
-            window = idx[:, start:]
             rows = stem_rows_fn(idx, start) if stem_rows_fn is not None and self.stem_table is not None else None
-            logits, _ = self(window, stem_rows=rows, kv_cache=cache, last_only=True)
-            logits = logits[:, -1, :].float()
+            logits = self(idx[:, start:], stem_rows=rows, kv_cache=cache, last_only=True)[0][:, -1, :].float()
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)
             else:

@@ -284,6 +284,23 @@ def prepare(input_path=None, name=None, out_root="data", val_fraction=0.1):
     return meta
 
 
+def check_data(data_dir, dataset, block_size, vocab_size):
+    """What train.py checks before it starts: both splits exist, hold a window, and fit the vocabulary."""
+    for split in ("train", "val"):
+        path = os.path.join(data_dir, dataset, f"{split}.bin")
+        if not os.path.exists(path):
+            raise PrepareError(f"no {split} data at {path}: run `python prepare.py` first (or prepare.py --input="
+                               f"FILE_OR_DIR --name={dataset} for your own text), or set --data_dir/--dataset")
+        if os.path.getsize(path) // 2 <= block_size + 1:
+            raise PrepareError(f"{path} holds {os.path.getsize(path) // 2} tokens, too few for block_size "
+                               f"{block_size}: give more text or a smaller --block_size")
+    meta = os.path.join(data_dir, dataset, "meta.json")
+    data_vocab = json.load(open(meta)).get("vocab_size", 0) if os.path.exists(meta) else 0
+    if data_vocab > vocab_size:
+        raise PrepareError(f"{meta} says the data has {data_vocab} token ids but vocab_size is {vocab_size}: "
+                           f"set --vocab_size to {data_vocab} or more (e.g. a multiple of 64)")
+
+
 # -----------------------------------------------------------------------------
 
 def main(argv=None):

@@ -15,12 +15,11 @@ from contextlib import nullcontext
 
 import torch
 
+import checkpoint
 import configurator
 from configurator import ConfigError
 from knowledge_edit import MODES as EDIT_MODES, EditedRows, check_model, check_prompt, make_edits, table_rows
-from model import GPT, GPTConfig
 from prepare import load_tokenizer
-from train import load_checkpoint
 
 # ----------------------------------------------------------------------------------------------------------
 out_dir = "out"  # reads out_dir/ckpt.pt
@@ -40,28 +39,19 @@ edit_mode = "one_to_one"  # SOURCE and TARGET of unequal token length: one_to_on
 
 def validate(cfg):
     configurator.check_device(cfg.device)
-    if cfg.dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"dtype must be one of float32, bfloat16, float16, got {cfg.dtype!r}")
     if cfg.num_samples < 1 or cfg.max_new_tokens < 0 or cfg.temperature < 0:
         raise ConfigError("num_samples must be at least 1, max_new_tokens and temperature 0 or more")
     if cfg.top_k is not None and cfg.top_k < 1:
         raise ConfigError(f"top_k must be at least 1, or None for no cut, got {cfg.top_k}")
-    if cfg.edit_mode not in EDIT_MODES:
-        raise ConfigError(f"edit_mode must be one of {', '.join(EDIT_MODES)}, got {cfg.edit_mode!r}")
 
 
 def load_model(cfg):
     path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if not os.path.exists(path):
-        raise ConfigError(f"no checkpoint at {path}: train one with `python train.py`, or point --out_dir at one")
-    ckpt = load_checkpoint(path)
-    model = GPT(GPTConfig(**ckpt["model_args"]))
-    # train.py saves clean names; a checkpoint from a compiled or DDP-wrapped model would carry prefixes
-    model.load_state_dict({k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()})
+    model, _ = checkpoint.load_model(path)
     if cfg.stem_offload and model.stem_table is None:
         raise ConfigError(f"--stem_offload: the model in {path} has no STEM table (ffn={model.config.ffn})")
     model.stem_table_on_host = cfg.stem_offload  # .to(device) then leaves the table in host memory
-    return model.eval().to(cfg.device)
+    return model.to(cfg.device)
 
 
 def read_prompt(cfg, enc):
@@ -96,7 +86,8 @@ def rows_source(cfg, model, enc, ids):
 
 
 def main(argv):
-    cfg = configurator.configure(globals(), argv, nullable={"top_k": int}, repeatable=("edit",))
+    cfg = configurator.configure(globals(), argv, nullable={"top_k": int}, repeatable=("edit",),
+                                 choices={"dtype": ("float32", "bfloat16", "float16"), "edit_mode": EDIT_MODES})
     cfg.edit = [e for e in ([cfg.edit] if isinstance(cfg.edit, str) else cfg.edit) if e]  # a config file gives one
     validate(cfg)
     enc = load_tokenizer()
@@ -107,9 +98,8 @@ def main(argv):
                           f"{model.config.block_size}: shorten it")
     rows_fn = rows_source(cfg, model, enc, ids)
     torch.manual_seed(cfg.seed)
-    device_type = torch.device(cfg.device).type
-    ptdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype)
-    autocast = nullcontext() if ptdtype is None else torch.autocast(device_type, dtype=ptdtype)
+    dtype = getattr(torch, cfg.dtype)
+    autocast = nullcontext() if cfg.dtype == "float32" else torch.autocast(torch.device(cfg.device).type, dtype)
     x = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=cfg.device)  # all samples in one batch
     with torch.no_grad(), autocast:
         y = model.generate(x, cfg.max_new_tokens, cfg.temperature, cfg.top_k, stem_rows_fn=rows_fn)

@@ -116,7 +116,7 @@ class SparseRowAdamW:
         self.grad = None  # (sorted ids, summed gradient rows) of the step so far
 
 
-    def prefetch(self, idx):
+    def prefetch(self, idx, idx_host=None):
         """A hint that idx is a coming batch; the rows are on the device already, so nothing to do here."""
 
     def lookup(self, idx, grad=True):

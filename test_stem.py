@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import stem_ops
-from model import GPT, GPTConfig, StemRows
+from model import GPT, GPTConfig
 from stem_sparse import SparseRowAdamW, clip_grad_norm_, hash_noise, merge_rows, stochastic_round_bf16
 
 HERE = Path(__file__).resolve().parent
@@ -65,7 +65,7 @@ def test_backward_chunks_cover_every_position_once_and_bound_the_serial_work():
 
 TRITON_CHECK = r"""
 import torch, torch.nn.functional as F, stem_ops
-from model import GPT, GPTConfig, StemRows
+from model import GPT, GPTConfig
 from test_stem import shakespeare_ids
 assert stem_ops.use_triton("triton", "cpu")
 torch.manual_seed(0)

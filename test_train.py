@@ -316,7 +316,7 @@ def test_moe_trains(work, wave1):
 
 def parse(*argv):
     cfg = train.configure(list(argv))
-    return train.settings_of(cfg), cfg.explicit
+    return {k: getattr(cfg, k) for k in train.DEFAULTS}, cfg.explicit
 
 
 def test_settings_types():

@@ -5,10 +5,9 @@ Train a GPT whose FFNs are STEM (default), SwiGLU or MoE, on one process or seve
     python train.py config/train_gpt2_small_stem.py     # a preset file, then --key=value overrides
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2_small_stem.py
 
-Every name in the settings block is a key (configurator.py; `--help` lists them). Data: data_dir/dataset/
-{train,val}.bin from prepare.py. out_dir gets log.jsonl (a JSON object a line: step losses every log_interval,
-evaluations) and ckpt.pt, replaced atomically. init_from=resume continues exactly (N steps, then N more, give
-the losses of 2N in one go), with the checkpoint's model and every setting not given again, except the machine's.
+Every name in the settings block is a key (`--help` lists them). Data: prepare.py's data_dir/dataset/*.bin.
+out_dir gets log.jsonl (losses, a JSON object a line) and ckpt.pt (checkpoint.py). init_from=resume continues
+exactly: N steps, then N more, give the losses of 2N in one go.
 """
 
 import dataclasses
@@ -26,8 +25,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import checkpoint
 import configurator
 import memory_plan
+import prepare
 import stem_sparse
 from configurator import ConfigError
 from model import GPT, GPTConfig, check_ids
@@ -79,14 +80,14 @@ stem_optim = "sparse"  # "sparse": row-wise AdamW on the rows each batch touches
 stem_kernel = "auto"  # "auto" | "triton" | "torch": how STEM layers read their rows (stem_ops.py)
 stem_lr_mult = 1.0  # the table's learning rate is lr * stem_lr_mult (the official code: 1, the backbone's lr)
 stem_weight_decay = 0.0  # table weight decay, every row every step; official: the backbone's (0.1; 0.033 at 1B)
-stem_clip = "joint"  # "joint": one norm over dense and table gradients; "separate": each clipped to grad_clip (official)
+stem_clip = "joint"  # "joint": one norm over dense and table gradients; "separate": each to grad_clip (official)
 stem_dtype = "float32"  # table (and first moment) dtype: "float32" or "bfloat16" (updates rounded stochastically)
 stem_state = "full"  # second moment: "full" per element, or "rowwise", one per row (sparse only)
 stem_rounding = "stochastic"  # bfloat16 table: "stochastic" rounding of updates, or "nearest" (loses small ones)
 stem_offload = False  # keep the table and its optimizer state in host memory (stem_offload.py); sparse only
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"  # "cpu", "cuda", "cuda:1", ...
-dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"  # no float16 (no loss scaling)
+dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"  # no float16
 compile = False  # torch.compile the model (slow to start; worth it on a GPU)
 plan = False  # print the memory plan (memory_plan.py) and stop, allocating nothing
 plan_gpu_gb = 0.0  # with plan: a GPU's memory in GB, e.g. 80, to name the largest batch_size that fits
@@ -110,14 +111,9 @@ def configure(argv):
                            autocast=nullcontext())
 
 
-def settings_of(cfg):
-    return {k: getattr(cfg, k) for k in DEFAULTS}
-
-
 def validate(cfg):
-    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
-                "log_interval", "max_iters", "warmup_iters", "seed"):
-        low = 0 if key in ("max_iters", "warmup_iters", "seed") else 1
+    for key, low in dict(batch_size=1, block_size=1, gradient_accumulation_steps=1, eval_interval=1, eval_iters=1,
+                         log_interval=1, max_iters=0, warmup_iters=0, seed=0).items():
         if getattr(cfg, key) < low:
             raise ConfigError(f"{key} must be at least {low}, got {getattr(cfg, key)}")
     if cfg.stem_layers is not None and not all(type(l) is int for l in cfg.stem_layers):
@@ -130,31 +126,15 @@ def validate(cfg):
         configurator.check_device(cfg.device)
 
 
-def adopt_checkpoint(cfg, ckpt):
-    """init_from=resume: the model is the checkpoint's, and settings not given again come from it too."""
-    saved = {**ckpt.get("config", {}), **ckpt["model_args"]}
-    for k in MODEL_KEYS + ["stem_optim", "stem_dtype", "stem_state"]:  # what the saved state cannot change
-        if k in cfg.explicit and k in saved and getattr(cfg, k) != saved[k]:
-            if k in MODEL_KEYS and getattr(GPTConfig(**{**ckpt["model_args"], k: getattr(cfg, k)}), k) == saved[k]:
-                continue  # the same value once normalised (e.g. stem_layers=None)
-            raise ConfigError(f"the checkpoint in {cfg.out_dir} has {k}={saved[k]!r} but {k}={getattr(cfg, k)!r} "
-                              f"was asked for; drop --{k} to resume, or train from scratch in another out_dir")
-    for k, v in saved.items():
-        if k in DEFAULTS and k not in cfg.explicit and k not in MACHINE_KEYS:
-            setattr(cfg, k, v)
-
-
 def setup_distributed(cfg):
     """Under torchrun: join the process group and pick this rank's device."""
     cfg.ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if cfg.ddp:
-        if cfg.stem_offload:
-            raise ConfigError("stem_offload is not supported under DDP (torchrun); train in one process")
-        cfg.world_size = int(os.environ["WORLD_SIZE"])
-        if cfg.gradient_accumulation_steps % cfg.world_size:
-            raise ConfigError(f"gradient_accumulation_steps {cfg.gradient_accumulation_steps} must be divisible "
-                              f"by the number of processes {cfg.world_size}")
-        cfg.rank, cfg.local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+        cfg.world_size, cfg.rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+        cfg.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if cfg.stem_offload or cfg.gradient_accumulation_steps % cfg.world_size:
+            raise ConfigError(f"under torchrun, stem_offload must be False and gradient_accumulation_steps "
+                              f"({cfg.gradient_accumulation_steps}) divisible by the {cfg.world_size} processes")
         if torch.device(cfg.device).type == "cuda":
             cfg.device = f"cuda:{cfg.local_rank}"
             torch.cuda.set_device(cfg.device)
@@ -168,36 +148,17 @@ def setup_distributed(cfg):
 # ----------------------------------------------------------------------------------------------------------
 # data: random windows of the token files, drawn so that resuming and DDP reproduce a single run's batches
 
-def data_path(cfg, split):
-    return os.path.join(cfg.data_dir, cfg.dataset, f"{split}.bin")
-
-
-def check_data(cfg):
-    for split in ("train", "val"):
-        path = data_path(cfg, split)
-        if not os.path.exists(path):
-            raise ConfigError(f"no {split} data at {path}: run `python prepare.py` first (or prepare.py --input="
-                              f"FILE_OR_DIR --name={cfg.dataset} for your own text), or set --data_dir/--dataset")
-        if os.path.getsize(path) // 2 <= cfg.block_size + 1:
-            raise ConfigError(f"{path} holds {os.path.getsize(path) // 2} tokens, too few for block_size "
-                              f"{cfg.block_size}: give more text or a smaller --block_size")
-    meta = os.path.join(cfg.data_dir, cfg.dataset, "meta.json")
-    data_vocab = json.load(open(meta)).get("vocab_size", 0) if os.path.exists(meta) else 0
-    if data_vocab > cfg.vocab_size:
-        raise ConfigError(f"{meta} says the data has {data_vocab} token ids but vocab_size is {cfg.vocab_size}: "
-                          f"set --vocab_size to {data_vocab} or more (e.g. a multiple of 64)")
-
-
 def window_starts(cfg, split, stream, step, shape):
     """Window offsets drawn from (seed, stream, step) alone, not from generator state carried between steps: a
     resumed run redraws step k's batch exactly, and every DDP rank draws the same global batch."""
-    n = os.path.getsize(data_path(cfg, split)) // 2 - cfg.block_size  # a window needs block_size + 1 tokens
+    n = os.path.getsize(os.path.join(cfg.data_dir, cfg.dataset, f"{split}.bin")) // 2 - cfg.block_size  # +1 for y
     return np.random.default_rng([cfg.seed, stream, step]).integers(0, n, size=shape)
 
 
 def get_batch(cfg, split, starts):
     """(x on the host, x, y on the device). Ids are checked here, on the host, so the forward needs no sync."""
-    data = np.memmap(data_path(cfg, split), dtype=np.uint16, mode="r")  # fresh each time: memmaps keep pages
+    data = np.memmap(os.path.join(cfg.data_dir, cfg.dataset, f"{split}.bin"), dtype=np.uint16, mode="r")  # fresh:
+    # a long-lived memmap holds on to every page it has read (nanoGPT)
     x = torch.from_numpy(np.stack([data[i:i + cfg.block_size] for i in starts]).astype(np.int64))
     y = torch.from_numpy(np.stack([data[i + 1:i + 1 + cfg.block_size] for i in starts]).astype(np.int64))
     check_ids(torch.stack([x, y]), cfg.vocab_size)
@@ -222,17 +183,15 @@ def micro_batches(cfg, rows_opt, step, draw=None):
     one yielded is drawn first and its STEM rows start moving (prefetch): with offload, their copy to the
     device runs while this batch computes. draw(step, micro) -> (x_host, X, Y); default train_batch."""
     draw = draw or (lambda s, m: train_batch(cfg, s, m))
-    prefetch = (lambda b: rows_opt.prefetch(b[1], b[0]) if cfg.stem_offload else rows_opt.prefetch(b[1])) \
-        if rows_opt is not None else (lambda b: None)
-    micro, nxt = 0, draw(step, 0)
-    prefetch(nxt)
+    micro, (_, X, Y) = 0, draw(step, 0)
     while True:
-        x_host, X, Y = nxt
         rows = rows_opt.lookup(X) if rows_opt is not None else None
         step, micro = (step, micro + 1) if micro + 1 < cfg.micro_steps else (step + 1, 0)
         nxt = draw(step, micro)
-        prefetch(nxt)
+        if rows_opt is not None:
+            rows_opt.prefetch(nxt[1], nxt[0])  # nxt[0]: the ids on the host, which spares copying them back
         yield X, Y, rows
+        _, X, Y = nxt
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -262,10 +221,8 @@ def build_optimizers(cfg, model, ckpt=None):
             rows_opt = OffloadedRowAdamW(model.stem_table, cfg.device, **kwargs)
         else:
             rows_opt = stem_sparse.SparseRowAdamW(model.stem_table, **kwargs)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                           cfg.device_type, stem_lr_mult=cfg.stem_lr_mult,
-                                           stem_weight_decay=cfg.stem_weight_decay,
-                                           include_stem_table=(cfg.stem_optim == "dense"))
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), cfg.device_type,
+                                           cfg.stem_lr_mult, cfg.stem_weight_decay, cfg.stem_optim == "dense")
     if ckpt is not None:
         current = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -316,9 +273,8 @@ def train_step(cfg, model, optimizer, rows_opt, batches, lr):
         dist.all_reduce(loss_sum)  # every rank sees the same mean loss, and so stops alike
     loss, norm = loss_sum.item() / cfg.micro_steps / cfg.world_size, norm.item()
     if not (math.isfinite(loss) and math.isfinite(norm)):
-        raise ConfigError(f"{'loss' if not math.isfinite(loss) else 'gradient norm'} is "
-                          f"{loss if not math.isfinite(loss) else norm}: training diverged, stopping before the "
-                          f"update; lower learning_rate. The last checkpoint in {cfg.out_dir} is untouched")
+        raise ConfigError(f"loss {loss}, gradient norm {norm}: training diverged, stopping before the update; "
+                          f"lower learning_rate. The last checkpoint in {cfg.out_dir} is untouched")
     optimizer.step()
     if rows_opt is not None:
         rows_opt.step(lr)
@@ -330,7 +286,7 @@ def train_step(cfg, model, optimizer, rows_opt, batches, lr):
 def estimate_loss(cfg, model, rows_opt):
     """Mean loss over eval_iters batches per split. DDP ranks share the batches out, so it equals one process's."""
     model.eval()
-    out = {}
+    out = {}  # split -> mean loss
     for split in ("train", "val"):
         total = torch.zeros((), device=cfg.device)
         for k in range(cfg.rank, cfg.eval_iters, cfg.world_size):
@@ -345,43 +301,21 @@ def estimate_loss(cfg, model, rows_opt):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# checkpoints and the log
-
-def load_checkpoint(path):
-    if not os.path.exists(path):
-        raise ConfigError(f"no checkpoint at {path}: train one first (init_from=scratch), or point --out_dir at one")
-    try:  # mmap: the ranks of a DDP run share the file's pages instead of each reading a copy
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:
-        raise ConfigError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
-
+# checkpoints (checkpoint.py) and the log
 
 def save_checkpoint(cfg, model, optimizer, rows_opt, iter_num, best_val_loss):
-    """Written to a temporary file, then renamed over ckpt.pt: a kill at any moment leaves the old checkpoint or
-    the new one, whole. The row state comes first: it waits for an offloaded table's queued updates, and raises
-    if one failed, before anything is written. Dropout draws from torch's generator: saved per rank."""
+    """out_dir/ckpt.pt, atomically (checkpoint.py). The row state comes first: it waits for an offloaded table's
+    queued updates, and raises if one failed, before anything is written. Dropout draws from torch's
+    generators: saved per rank."""
     stem_state = rows_opt.state_dict() if rows_opt is not None else None
-    rng = {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if cfg.device_type == "cuda" else {})}
-    rngs = [None] * cfg.world_size
-    dist.all_gather_object(rngs, rng) if cfg.ddp else rngs.__setitem__(0, rng)
+    rngs = [checkpoint.rng_state(cfg.device_type)] * cfg.world_size
+    if cfg.ddp:
+        dist.all_gather_object(rngs, rngs[0])
     if cfg.rank == 0:
-        path = os.path.join(cfg.out_dir, "ckpt.pt")
-        with open(path + ".tmp", "wb") as f:
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "stem_optimizer": stem_state,
-                        "model_args": dataclasses.asdict(model.config), "iter_num": iter_num,
-                        "best_val_loss": best_val_loss, "config": settings_of(cfg), "rng": rngs}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
-
-
-def restore_rng(cfg, ckpt):
-    rngs = ckpt.get("rng")
-    if rngs is None or len(rngs) != cfg.world_size:  # another number of ranks: fresh streams for each
-        return torch.manual_seed(cfg.seed + 1000 * ckpt["iter_num"] + cfg.rank)
-    torch.set_rng_state(rngs[cfg.rank]["torch"])
-    if "cuda" in rngs[cfg.rank] and cfg.device_type == "cuda":
-        torch.cuda.set_rng_state(rngs[cfg.rank]["cuda"])
+        checkpoint.save(os.path.join(cfg.out_dir, "ckpt.pt"), {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "stem_optimizer": stem_state,
+            "model_args": dataclasses.asdict(model.config), "iter_num": iter_num, "best_val_loss": best_val_loss,
+            "config": {k: getattr(cfg, k) for k in DEFAULTS}, "rng": rngs})
 
 
 def open_log(path, resume_iter=None):
@@ -397,39 +331,35 @@ def open_log(path, resume_iter=None):
 
 def main(argv):
     cfg = configure(argv)
-    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt")) if cfg.init_from == "resume" else None
-    if ckpt is not None:
-        adopt_checkpoint(cfg, ckpt)
+    ckpt = checkpoint.load(os.path.join(cfg.out_dir, "ckpt.pt")) if cfg.init_from == "resume" else None
+    if ckpt is not None:  # the model is the checkpoint's, and so is every setting not given again
+        checkpoint.adopt_settings(cfg, ckpt, DEFAULTS, MODEL_KEYS, keep=MACHINE_KEYS)
     validate(cfg)
     if cfg.plan:
         return print(memory_plan.report(cfg))
-    check_data(cfg)
+    prepare.check_data(cfg.data_dir, cfg.dataset, cfg.block_size, cfg.vocab_size)
     setup_distributed(cfg)
     master = cfg.rank == 0
     model = build_model(cfg, ckpt)  # what gets saved: no compile or DDP wrapper, so no _orig_mod./module. prefixes
     optimizer, rows_opt = build_optimizers(cfg, model, ckpt)  # before DDP, which must not see the sparse table
-    iter_num, best_val_loss = (ckpt["iter_num"], ckpt["best_val_loss"]) if ckpt else (0, float("inf"))
-    restore_rng(cfg, ckpt) if ckpt else torch.manual_seed(cfg.seed + cfg.rank)  # dropout differs across ranks
-    start_iter, ckpt = iter_num, None  # the checkpoint can be as large as the model three times over: let it go
-    run_model = torch.compile(model) if cfg.compile else model
-    run_model = DDP(run_model, device_ids=[cfg.local_rank] if cfg.device_type == "cuda" else None) if cfg.ddp \
-        else run_model
-    eval_model = run_model.module if cfg.ddp else run_model  # evaluation skips DDP's hooks
+    start_iter, best_val_loss = (ckpt["iter_num"], ckpt["best_val_loss"]) if ckpt else (0, float("inf"))
+    checkpoint.restore_rng(cfg, ckpt) if ckpt else torch.manual_seed(cfg.seed + cfg.rank)  # dropout differs by rank
+    ckpt = None  # the checkpoint can be as large as the model three times over: let it go
+    eval_model = torch.compile(model) if cfg.compile else model  # evaluation skips DDP's hooks
+    run_model = DDP(eval_model, device_ids=[cfg.local_rank] if cfg.device_type == "cuda" else None) \
+        if cfg.ddp else eval_model
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        log = open_log(os.path.join(cfg.out_dir, "log.jsonl"), iter_num if cfg.init_from == "resume" else None)
-        c = model.config
-        print(f"{c.ffn} model: {c.n_layer} layers, n_embd {c.n_embd}, d_ff {c.d_ff}, stem_layers {c.stem_layers}; "
-              f"{model.num_params() / 1e6:.1f}M parameters, {model.active_params_per_token() / 1e6:.1f}M active "
-              f"per token\n{memory_plan.report(cfg)}\n{tokens_per_iter:,} tokens per step ({cfg.world_size} "
-              f"process(es) x {cfg.micro_steps} micro-steps x {cfg.batch_size} x {cfg.block_size}); {cfg.device}, "
-              f"{cfg.dtype}; {'resuming at' if start_iter else 'starting at'} step {start_iter} of {cfg.max_iters}")
-    bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not master, dynamic_ncols=True, unit="step")
-    batches, smooth_tps = micro_batches(cfg, rows_opt, iter_num), None
+        log = open_log(os.path.join(cfg.out_dir, "log.jsonl"), start_iter if cfg.init_from == "resume" else None)
+        print(f"{model.config}\n{model.num_params() / 1e6:.1f}M parameters, {model.active_params_per_token() / 1e6:.1f}M "
+              f"active per token; {tokens_per_iter:,} tokens per step on {cfg.world_size} x {cfg.device}, {cfg.dtype}"
+              f"\n{memory_plan.report(cfg)}\nstarting at step {start_iter} of {cfg.max_iters}")
+    bar = tqdm(total=cfg.max_iters, initial=start_iter, disable=not master, dynamic_ncols=True, unit="step")
+    batches = micro_batches(cfg, rows_opt, start_iter)
     try:  # the bar closes before an error is printed, so the error is the last line
-        while True:
-            if iter_num % cfg.eval_interval == 0 or iter_num >= cfg.max_iters:
+        for iter_num in range(start_iter, cfg.max_iters + 1):
+            if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
                 losses = estimate_loss(cfg, eval_model, rows_opt)
                 if not all(math.isfinite(v) for v in losses.values()):
                     raise ConfigError(f"evaluation loss is not finite at step {iter_num}: training diverged; lower "
@@ -441,27 +371,23 @@ def main(argv):
                 # the state a run starts from is already on disk (or is step 0): only new progress is saved
                 if iter_num > start_iter and (cfg.always_save_checkpoint or improved):
                     save_checkpoint(cfg, model, optimizer, rows_opt, iter_num, best_val_loss)
-            if iter_num >= cfg.max_iters:
+            if iter_num == cfg.max_iters:
                 break
             t0, lr = time.time(), get_lr(cfg, iter_num)
             try:
                 loss, _ = train_step(cfg, run_model, optimizer, rows_opt, batches, lr)
             except ConfigError as e:
                 raise ConfigError(f"step {iter_num}: {e}") from None
-            dt = time.time() - t0
-            if iter_num > start_iter + 2:  # the first steps warm up (and compile); leave them out
-                smooth_tps = tokens_per_iter / dt if smooth_tps is None else 0.9 * smooth_tps + 0.1 * tokens_per_iter / dt
+            tps = tokens_per_iter / (time.time() - t0)
             if master and iter_num % cfg.log_interval == 0:
-                log(iter=iter_num, loss=loss, lr=lr, dt_ms=dt * 1000, tokens_per_s=tokens_per_iter / dt)
-                tps = smooth_tps or tokens_per_iter / dt
-                mfu = model.estimate_mfu(tps / cfg.world_size, cfg.device)
+                log(iter=iter_num, loss=loss, lr=lr, dt_ms=tokens_per_iter / tps * 1000, tokens_per_s=tps)
+                mfu = model.estimate_mfu(tps / cfg.world_size, cfg.device)  # the first steps compile: ignore them
                 bar.set_postfix_str(f"loss {loss:.4f}, {tps:,.0f} tok/s, mfu {'n/a' if mfu is None else f'{mfu:.1%}'}")
             bar.update(1)
-            iter_num += 1
     finally:
         bar.close()
     if master:
-        print(f"done: step {iter_num}, train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
+        print(f"done: step {cfg.max_iters}, train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
               f"(best {best_val_loss:.4f}); checkpoint in {cfg.out_dir}/ckpt.pt")
 
 

@@ -1,0 +1,73 @@
+"""
+Checkpoints: out_dir/ckpt.pt, written by train.py and read by train.py (resume), sample.py and
+edit_experiment.py. A checkpoint is a dict:
+
+    model           the model's state_dict, from the bare model (no torch.compile or DDP prefixes)
+    model_args      the GPTConfig fields, enough to rebuild the model
+    optimizer       the dense AdamW's state; stem_optimizer: the row optimizer's (None for stem_optim=dense)
+    iter_num, best_val_loss, config (every train.py setting), rng (torch's generators, one entry per rank)
+"""
+
+import os
+
+import torch
+
+from configurator import ConfigError
+from model import GPT, GPTConfig
+
+
+def load(path):
+    if not os.path.exists(path):
+        raise ConfigError(f"no checkpoint at {path}: train one with `python train.py`, or point --out_dir at one")
+    try:  # mmap: the ranks of a DDP run share the file's pages instead of each reading a copy
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+
+
+def save(path, state):
+    """Write a temporary file beside path, then rename it over path: a kill at any moment leaves the old
+    checkpoint or the new one, whole (os.replace is atomic within a filesystem)."""
+    with open(path + ".tmp", "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def load_model(path):
+    """(the GPT in path, on the CPU, in eval mode; the whole checkpoint)."""
+    ckpt = load(path)
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    # train.py saves clean names; a checkpoint from a compiled or DDP-wrapped model would carry prefixes
+    model.load_state_dict({k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()})
+    return model.eval(), ckpt
+
+
+def adopt_settings(cfg, ckpt, defaults, model_keys, keep):
+    """init_from=resume: settings not given again on the command line come from the checkpoint, except those in
+    keep (the machine's). What the saved state cannot change (the model, the table's optimizer) must match."""
+    saved = {**ckpt.get("config", {}), **ckpt["model_args"]}
+    for k in model_keys + ["stem_optim", "stem_dtype", "stem_state"]:
+        if k in cfg.explicit and k in saved and getattr(cfg, k) != saved[k]:
+            if k in model_keys and getattr(GPTConfig(**{**ckpt["model_args"], k: getattr(cfg, k)}), k) == saved[k]:
+                continue  # the same value once normalised (e.g. stem_layers=None)
+            raise ConfigError(f"the checkpoint in {cfg.out_dir} has {k}={saved[k]!r} but {k}={getattr(cfg, k)!r} "
+                              f"was asked for; drop --{k} to resume, or train from scratch in another out_dir")
+    for k, v in saved.items():
+        if k in defaults and k not in cfg.explicit and k not in keep:
+            setattr(cfg, k, v)
+
+
+def rng_state(device_type):
+    """torch's generators (dropout draws from them; the batches do not), to save with a checkpoint."""
+    return {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if device_type == "cuda" else {})}
+
+
+def restore_rng(cfg, ckpt):
+    rngs = ckpt.get("rng")
+    if rngs is None or len(rngs) != cfg.world_size:  # another number of ranks: fresh streams for each
+        return torch.manual_seed(cfg.seed + 1000 * ckpt["iter_num"] + cfg.rank)
+    torch.set_rng_state(rngs[cfg.rank]["torch"])
+    if "cuda" in rngs[cfg.rank] and cfg.device_type == "cuda":
+        torch.cuda.set_rng_state(rngs[cfg.rank]["cuda"])
