@@ -6,17 +6,13 @@ Benchmarks for stem-gpt: what STEM costs and saves next to SwiGLU and MoE. One h
     python bench.py --what=gpu               # the GPU check, <= 10 min on one H100; writes bench_gpu.json
     python bench.py --tiny=True --threads=1  # toy sizes everywhere: checks the plumbing in a minute or two
 
-Each measurement is a short function that prints a markdown table and adds it to the JSON (--json=FILE). How
-timings are taken: `warmup` untimed rounds, then `reps` rounds in which the variants being compared take turns
-(round-robin, the first one rotating each round), so slow phases of a shared machine fall on all variants alike; a
-variant's figure is the median of its rounds; on a GPU, torch.cuda.synchronize around every timed call. Absolute
-times on a shared machine are noisy: read the ratios of variants timed side by side in one run (step reports the
-median and range of the per-round ratio to SwiGLU).
-Training steps (step, vocab, offload, gpu) are train.py's own: its run-state (train.configure), build_model,
-build_optimizers, and train_step fed by micro_batches with bench's batches (Shakespeare val.bin tokens where
-prepared, else Zipfian ids). step and vocab time each group of variants in a fresh child process, so a dense
-table's gradient (allocated and freed every step) or an out-of-memory kill cannot disturb the others; quality runs
-train.py itself. --what=gpu on a machine without CUDA exits at once with a one-line error and status 1.
+Each measurement is a short function that prints a markdown table and adds it to the JSON (--json=FILE). Timing:
+`warmup` untimed rounds, then `reps` rounds in which the variants take turns (round-robin, the first one rotating),
+so slow phases of a shared machine fall on all alike; a variant's figure is the median of its rounds (on a GPU,
+synchronized). Read the ratios of variants timed side by side in one run, not the absolute times. Training steps
+are train.py's own (train.configure, build_model, build_optimizers, train_step fed by micro_batches with bench's
+batches: Shakespeare val.bin where prepared, else Zipfian ids); step and vocab run in a fresh child process each,
+so one variant's memory cannot disturb another's timing. --what=gpu without CUDA exits with a one-line error.
 """
 
 import dataclasses
@@ -60,11 +56,11 @@ tiny = False  # toy shapes everywhere: the smoke test, and a quick check that ev
 profile = False  # ffn, step: also a torch.profiler table of where each variant's time goes
 quality_config = "config/quality_shakespeare.py"  # quality: the shared train.py config; variants differ in ffn
 quality_out = "out/quality"  # quality: each variant trains in quality_out/<variant>
-quality_extra = ""  # quality: more train.py settings for every variant, e.g. "--max_iters=100" (space separated)
+quality_extra = ""  # quality: more train.py settings for every variant, e.g. "--seed=1338" (space separated)
+quality_variants = "swiglu,stem,moe,stem_half"  # quality: which to train, comma separated, or "all" (adds bf16 ...)
 pcie_gb_s = 25.0  # offload projection: host<->GPU copy speed, each direction (PCIe 4.0 x16, effective)
 peak_tflops = 989.0  # offload projection: the GPU's dense bf16 peak (H100 SXM)
 mfu_assumed = 0.40  # offload projection: the model FLOPs utilisation the step's compute is projected at
-# ----------------------------------------------------------------------------------------------------------
 DEFAULTS = configurator.defaults_of(globals())
 GPT2_VOCAB = 50304
 LR = 6e-4  # the learning rate of every timed training step
@@ -76,8 +72,7 @@ def on_gpu():
     return torch.device(device).type == "cuda"
 
 def sync():
-    if on_gpu():
-        torch.cuda.synchronize(device)
+    torch.cuda.synchronize(device) if on_gpu() else None
 
 def autocast():
     return nullcontext() if dtype == "float32" else torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
@@ -85,11 +80,9 @@ def autocast():
 def n_reps(cpu_default, gpu_default=20):
     return reps or (2 if tiny else gpu_default if on_gpu() else cpu_default)
 
-def ratio(a, b):
-    return None if a is None or not b else a / b
+ratio = lambda a, b: None if a is None or not b else a / b  # noqa: E731
 
-def in_ms(times):
-    return {k: [t * 1e3 for t in v] for k, v in times.items()}
+in_ms = lambda times: {k: [t * 1e3 for t in v] for k, v in times.items()}  # noqa: E731
 
 def one_line(e):
     return f"{type(e).__name__}: {' '.join(str(e).split())}"[:500]
@@ -415,9 +408,17 @@ def bench_quality():
     """SwiGLU, STEM, STEM on every other layer and MoE, each trained by train.py with quality_config."""
     n_layer = train.configure([quality_config]).n_layer
     variants = {"swiglu": ["--ffn=swiglu"], "stem": ["--ffn=stem"], "moe": ["--ffn=moe"],
-                "stem_half": ["--ffn=stem", f"--stem_layers={list(range(1, n_layer, 2))}".replace(" ", "")]}
+                "stem_half": ["--ffn=stem", f"--stem_layers={list(range(1, n_layer, 2))}".replace(" ", "")],
+                # the table's memory (stem_sparse.py) and the official recipe (train.py's stem_* comments)
+                "stem_bf16": ["--stem_dtype=bfloat16"], "stem_rowwise": ["--stem_state=rowwise"],
+                "stem_bf16_rowwise": ["--stem_dtype=bfloat16", "--stem_state=rowwise"],
+                "stem_bf16_nearest": ["--stem_dtype=bfloat16", "--stem_rounding=nearest"],
+                "stem_official": ["--stem_weight_decay=0.1", "--stem_clip=separate"]}
+    chosen = list(variants) if quality_variants == "all" else quality_variants.split(",")
+    if set(chosen) - set(variants):
+        raise ConfigError(f"quality_variants: unknown {sorted(set(chosen) - set(variants))}; choose from {list(variants)}")
     runs, rows = {}, []
-    for name, args in variants.items():
+    for name, args in ((n, variants[n]) for n in chosen):
         args = [quality_config, *args, f"--out_dir={quality_out}/{name}", f"--device={device}", f"--dtype={dtype}",
                 *quality_extra.split()]
         log("quality: train.py " + " ".join(args))
