@@ -196,12 +196,13 @@ def test_sparse_leaves_untouched_rows_bit_identical():
 
 def dense_reference_norm(model, micro):
     """The gradient norm that dense training of the same weights would clip by: a copy of the model with
-    the full table requiring grad, the same micro-steps, and torch's own clip_grad_norm_."""
+    the full table requiring grad, the same micro-steps, and torch's own clip_grad_norm_. Returns (that norm,
+    the dense table gradient)."""
     dense = copy.deepcopy(model)
     dense.stem_table.requires_grad_(True)
     for xm, ym in micro:
         (dense(xm, ym)[1] / len(micro)).backward()
-    return torch.nn.utils.clip_grad_norm_(dense.parameters(), float("inf"))
+    return torch.nn.utils.clip_grad_norm_(dense.parameters(), float("inf")), dense.stem_table.grad
 
 
 def test_sparse_matches_a_plain_lazy_adamw_reference():
@@ -218,7 +219,7 @@ def test_sparse_matches_a_plain_lazy_adamw_reference():
     clipped = 0
     for now, (x, y) in enumerate(make_batches(5, vocab_hi=24, seed=7), start=1):
         micro = [(x[:1], y[:1]), (x[1:], y[1:])]  # two micro-steps share rows: their gradients must add up
-        norm = dense_reference_norm(model, micro)
+        norm, dense_table_grad = dense_reference_norm(model, micro)
         scale = min(1.0, max_norm / (norm.item() + 1e-6))
         clipped += scale < 1
         for xm, ym in micro:
@@ -228,6 +229,10 @@ def test_sparse_matches_a_plain_lazy_adamw_reference():
         rows_opt.sync()
         ids, grad = rows_opt.grad[0], rows_opt.grad[1].clone()
         assert ids.unique().numel() == ids.numel()  # merged at every micro-step: one row per distinct id
+        # the merged rows are the dense table gradient's nonzero rows (they weigh ~1e-6 of the clipping norm,
+        # so the norm check below cannot see a lost micro-step)
+        assert ids.tolist() == dense_table_grad.abs().sum(1).nonzero().flatten().tolist()
+        torch.testing.assert_close(grad, dense_table_grad[ids], rtol=1e-5, atol=1e-9)
         total = clip_grad_norm_(model.parameters(), max_norm, rows_opt)
         torch.testing.assert_close(total, norm, rtol=1e-5, atol=1e-7)
         opt.step()
@@ -330,11 +335,13 @@ for step in range(3):
         rows.grad = torch.randn(ids.numel(), 6, generator=g)
         opt.accumulate(StemRows(rows, None, ids))
     opt.sync()
+    if step == 0:
+        first = tuple(t.clone() for t in opt.grad)  # the merged, rank-averaged gradient
     opt.step(1e-2)
 gathered = [torch.empty_like(table) for _ in range(2)]
 dist.all_gather(gathered, table.detach())
 if rank == 0:
-    torch.save({{"tables": gathered}}, {out!r})
+    torch.save({{"tables": gathered, "first_grad": first}}, {out!r})
 dist.destroy_process_group()
 """
 
@@ -346,7 +353,8 @@ def test_ddp_ranks_keep_identical_tables(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(script)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    t0, t1 = torch.load(out)["tables"]
+    saved = torch.load(out)
+    t0, t1 = saved["tables"]
     assert torch.equal(t0, t1)
     # and it equals one process applying the rank-averaged gradients of both ranks' micro-steps
     torch.manual_seed(0)
@@ -362,6 +370,9 @@ def test_ddp_ranks_keep_identical_tables(tmp_path):
                     grads[i] = grads.get(i, 0) + row / 2
         ids = torch.tensor(sorted(grads))
         ref.grad = (ids, torch.stack([grads[i] for i in ids.tolist()]))
+        if step == 0:  # the synced gradient itself: Adam's scale invariance hides a missing / world_size below
+            assert torch.equal(saved["first_grad"][0], ids)
+            torch.testing.assert_close(saved["first_grad"][1], ref.grad[1], rtol=1e-6, atol=1e-7)
         ref.step(1e-2)
     torch.testing.assert_close(t0, table.detach(), rtol=1e-6, atol=1e-7)
 
@@ -515,3 +526,142 @@ def test_sampling_with_host_rows_equals_on_device(cache_rows):
     torch.manual_seed(1)
     got = model.generate(prompt, 10, stem_rows_fn=fetcher)
     assert torch.equal(got, expect)
+
+
+def test_row_lr_mult_scales_the_learning_rate():
+    """lr_mult=2 at lr is the update of lr_mult=1 at 2 * lr (weight decay included), on the device and
+    offloaded. (Mutation caught: a step() that ignores lr_mult; every other test runs with lr_mult=1.)"""
+    g = torch.Generator().manual_seed(0)
+    start, grad = torch.randn(8, 6, generator=g), (torch.tensor([1, 4, 6]), torch.randn(3, 6, generator=g))
+    for make in (lambda t, **kw: SparseRowAdamW(t, **kw), lambda t, **kw: OffloadedRowAdamW(t, "cpu", **kw)):
+        tables = []
+        for mult, lr in ((2.0, 1e-2), (1.0, 2e-2), (1.0, 1e-2)):
+            table = torch.nn.Parameter(start.clone())
+            opt = make(table, lr_mult=mult, weight_decay=0.1)
+            for _ in range(2):
+                opt.grad = (grad[0], grad[1].clone())
+                opt.step(lr)
+            if isinstance(opt, OffloadedRowAdamW):
+                opt.flush()
+            tables.append(table.detach())
+        assert torch.equal(tables[0], tables[1]) and not torch.equal(tables[0], tables[2])
+
+
+def test_update_in_slices_equals_one_slice():
+    """update() cuts the rows into slices of rows_at_once; the slicing changes nothing. (Mutation caught: slices
+    that drop or repeat a row at the boundary; the other tests touch far fewer than 4096 rows.)"""
+    g = torch.Generator().manual_seed(1)
+    start, ids, grad = torch.randn(10, 4, generator=g), torch.tensor([0, 2, 3, 5, 8]), torch.randn(5, 4, generator=g)
+    tables = []
+    for rows_at_once in (2, 4096):
+        table = torch.nn.Parameter(start.clone())
+        opt = SparseRowAdamW(table, weight_decay=0.1)
+        opt.step(1e-2)  # a step with no rows: the next update must still catch up on its decay
+        opt.update(ids, grad, 1e-2, opt.decay, rows_at_once=rows_at_once)
+        tables.append(table.detach())
+        assert opt.row_step.nonzero().flatten().tolist() == ids.tolist()
+    assert torch.equal(tables[0], tables[1])
+
+
+def test_offload_lookup_of_another_batch_leaves_the_prefetch_alone():
+    """A lookup of a batch other than the prefetched one (train.py's estimate_loss does this between the
+    trainer's prefetch and its lookup) reads its own rows, and the prefetched batch still gets its own.
+    (Mutation caught: lookup() that takes whatever was prefetched.)"""
+    model = tiny_stem()
+    offload = offloaded(model)
+    train_x, eval_x = torch.tensor([[1, 2, 3, 2]]), torch.tensor([[7, 8]])
+    offload.prefetch(train_x)
+    for x, expect in ((eval_x, [7, 8]), (train_x, [1, 2, 3])):
+        got = offload.lookup(x, grad=False)
+        assert got.ids.tolist() == expect
+        assert torch.equal(got.rows, model.stem_table.detach()[expect])
+        assert torch.equal(got.ids[got.inverse], x)
+
+
+def test_stochastic_rounding_rounds_up_exactly_the_dropped_fraction():
+    """Over all 2**16 noise values, an fp32 value a quarter of a bf16 step above a bf16 number rounds up for
+    exactly a quarter of them, whether that bf16 number's last mantissa bit is even or odd. (Mutation caught:
+    a mask that keeps bit 15, which leaves a tie for bf16's round-to-nearest-even: unbiased above an even
+    mantissa, as in the statistical test, but 3/4 up above an odd one.)"""
+    noise = torch.arange(2 ** 16).unsqueeze(0)
+    for low in (1.0, 1.0 + 2 ** -7):  # last mantissa bit even, odd
+        x = torch.full((1, 2 ** 16), low + 2 ** -9)
+        rounded = stochastic_round_bf16(x, noise).float()
+        assert set(rounded.unique().tolist()) == {low, low + 2 ** -7}
+        assert int((rounded > low).sum()) == 2 ** 14
+
+
+def test_clipping_scales_down_only():
+    """Dense and row gradients whose joint norm is under max_norm are left exactly as they are; over it, both
+    are scaled by the same factor down to max_norm. (Mutation caught: a scale not clamped to 1, which blows
+    small gradients up to max_norm; the reference test clips at most steps, and Adam hides the rest.)"""
+    p = torch.nn.Parameter(torch.zeros(3))
+    rows_opt = SparseRowAdamW(torch.nn.Parameter(torch.zeros(4, 2)))
+    for max_norm, scale in ((10.0, 1.0), (0.65, 0.5)):
+        p.grad = torch.tensor([0.3, 0.0, 0.4])
+        rows_opt.grad = (torch.tensor([1]), torch.tensor([[0.0, 1.2]]))  # joint norm sqrt(0.25 + 1.44) = 1.3
+        total = clip_grad_norm_([p], max_norm, rows_opt)
+        assert total.item() == pytest.approx(1.3)
+        torch.testing.assert_close(p.grad, torch.tensor([0.3, 0.0, 0.4]) * scale, rtol=1e-5, atol=0)
+        torch.testing.assert_close(rows_opt.grad[1], torch.tensor([[0.0, 1.2]]) * scale, rtol=1e-5, atol=0)
+
+
+def test_host_row_fetcher_returns_each_tokens_row_through_evictions():
+    """Every window the fetcher serves reads, position by position, that token's table row, while a 4-row cache
+    is filled, evicts and refills (windows of up to 4 distinct tokens, so a window can need the whole cache),
+    and for windows wider than the cache. Sampling equality alone cannot show a wrong row: a tiny model's
+    STEM term rarely changes a sampled token. (Mutations caught: evicting a row the same window still reads,
+    a reused slot that is not the victim's, a first fill that writes two tokens into one slot.)"""
+    table = torch.randn(20, 6, generator=torch.Generator().manual_seed(0))
+    fetcher = HostRowFetcher(table, "cpu", cache_rows=4)
+    g = torch.Generator().manual_seed(1)
+    hot, direct = torch.tensor([[0, 1]]), 0
+    for i in range(40):
+        start = i % 2
+        if i % 3 == 0:
+            tokens = hot  # the same rows again and again: the most used, never the victims
+        else:  # 4 positions, or 6 (often more distinct tokens than the cache holds: served directly)
+            tokens = torch.randint(0, 20, (3 if i % 5 == 4 else 2, 2 + start), generator=g)
+        got = fetcher(tokens, start)
+        assert torch.equal(got.rows[got.inverse], table[tokens[:, start:]]), i
+        direct += got.ids.numel() > 4
+    assert len(fetcher.uses) > 4 and direct > 0  # the cache really evicted, and the direct path ran
+
+
+def test_backward_chunks_at_exact_multiples_of_chunk():
+    """A row with exactly CHUNK or 2 * CHUNK positions gets 1 or 2 full chunks, and no empty one after them (the
+    Shakespeare ids of the test above have no count that is a multiple of CHUNK). (Mutation caught:
+    count // CHUNK + 1 chunks.)"""
+    C = stem_ops.CHUNK
+    inverse = torch.tensor([0] * C + [1] * (2 * C) + [2] * (C + 1) + [3])
+    inverse = inverse[torch.randperm(inverse.numel(), generator=torch.Generator().manual_seed(0))]
+    order, begin, end, row_of_chunk, first_chunk = stem_ops.chunks(inverse, 4)
+    assert first_chunk.tolist() == [0, 1, 3, 5, 6]
+    assert (end - begin).tolist() == [C, C, C, C, 1, 1] and row_of_chunk.tolist() == [0, 1, 1, 2, 2, 3]
+
+
+def test_backward_chunks_keep_each_rows_positions_in_position_order():
+    """order is a stable sort: inside a row the positions stay in the order they came, so every sum of the
+    backward runs in one fixed order. (Mutation caught: argsort without stable=True, which on a CPU already
+    reorders the positions of these Shakespeare ids.)"""
+    inverse = torch.unique(shakespeare_ids(4096), return_inverse=True)[1]
+    order = stem_ops.chunks(inverse, int(inverse.max()) + 1)[0]
+    assert torch.equal(order, torch.argsort(inverse * inverse.numel() + torch.arange(inverse.numel())))  # unique keys
+
+
+def test_offload_state_dict_waits_for_a_running_update():
+    """state_dict() returns the state after every queued update, even one still running (held here on the worker
+    for 0.2 s). (Mutations caught: state_dict without flush, flush that does not wait; the failure test above
+    catches them only when the failing job happens to finish first.)"""
+    model = tiny_stem()
+    offload = offloaded(model)
+    release = threading.Event()
+    offload.on_event = lambda event: event == "update of the other rows start" and release.wait(timeout=20)
+    x = torch.tensor([[1, 2, 3, 2]])
+    lookup = offload.lookup(x)
+    model(x, x, stem_rows=lookup)[1].backward()
+    offload.accumulate(lookup)
+    offload.step(1e-2)
+    threading.Timer(0.2, release.set).start()
+    row_step = offload.state_dict()["row_step"].clone()  # the live tensor: the worker would change it later
+    assert row_step.nonzero().flatten().tolist() == [1, 2, 3]

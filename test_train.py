@@ -407,3 +407,21 @@ def test_plan_matches_real_allocation(work, lean):
         net(x, x)
     estimate = memory_plan.saved_activation_bytes(net.config, x.numel(), "float32")
     assert estimate == pytest.approx(sum(saved.values()), rel=0.1)
+
+
+def test_stem_clip_joint_scales_the_rows_by_the_joint_norm_and_separate_by_their_own(work):
+    """One step from the same weights and batches with stem_clip=joint and =separate. Adam's first moment after
+    one step is (1 - beta1) x the clipped gradient, so it shows how each rule scaled the table's rows: joint by
+    grad_clip / the joint norm it reports, separate not at all (their own norm is under grad_clip). (Mutation
+    caught: the two branches swapped; every run above compares two runs under the same rule.)"""
+    clip, moments, norms = 0.5, {}, {}
+    for rule in ("joint", "separate"):
+        cfg = train.configure([str(work / "tiny.py"), f"--data_dir={work / 'data'}", "--dataset=tiny", "--device=cpu",
+                               "--dtype=float32", f"--grad_clip={clip}", f"--stem_clip={rule}"])
+        train.setup_distributed(cfg)
+        model = train.build_model(cfg)
+        optimizer, rows_opt = train.build_optimizers(cfg, model)
+        _, norms[rule] = train.train_step(cfg, model, optimizer, rows_opt, train.micro_batches(cfg, rows_opt, 0), 1e-3)
+        moments[rule] = rows_opt.exp_avg.clone()
+    assert norms["joint"] > clip and moments["separate"].norm() / (1 - 0.9) < clip  # the rules differ here
+    torch.testing.assert_close(moments["joint"], moments["separate"] * (clip / norms["joint"]), rtol=1e-4, atol=0)
