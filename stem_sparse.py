@@ -28,6 +28,7 @@ have zero gradient, so this is exactly the norm dense training would clip by.
 
 import math
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -85,6 +86,15 @@ def hash_noise(ids, steps, width, salt):
     return x & 0xFFFF
 
 
+def lazy_zeros(shape, dtype, device):
+    """Zeros whose host memory is committed only where they are written (numpy's calloc; torch.zeros writes
+    every page): the moments of rows no batch has touched cost nothing on a CPU."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    same_size = {2: np.int16, 4: np.int32, 8: np.int64}[torch.empty((), dtype=dtype).element_size()]
+    return torch.from_numpy(np.zeros(shape, dtype=same_size)).view(dtype)
+
+
 class SparseRowAdamW:
     """Owns model.stem_table's training when stem_optim=sparse (the table leaves the dense optimizer and
     stops requiring grad, so autograd, DDP and clipping never see a dense table gradient).
@@ -107,9 +117,8 @@ class SparseRowAdamW:
         table.requires_grad_(False)
         self.lr_mult, self.weight_decay, self.betas, self.eps = lr_mult, weight_decay, betas, eps
         self.rowwise, self.rounding, self.seed = state == "rowwise", rounding, seed
-        self.exp_avg = torch.zeros_like(table)
-        shape = table.shape[:1] if self.rowwise else table.shape
-        self.exp_avg_sq = torch.zeros(shape, dtype=torch.float32, device=table.device)
+        self.exp_avg = lazy_zeros(table.shape, table.dtype, table.device)
+        self.exp_avg_sq = lazy_zeros(table.shape[:1] if self.rowwise else table.shape, torch.float32, table.device)
         self.row_step = torch.zeros(table.size(0), dtype=torch.int64, device=table.device)
         self.row_decay = torch.zeros(table.size(0), dtype=torch.float64, device=table.device)  # log-decay seen
         self.decay = 0.0  # sum over all steps so far of log(1 - lr_t * wd): the log of the running product

@@ -425,3 +425,28 @@ def test_stem_clip_joint_scales_the_rows_by_the_joint_norm_and_separate_by_their
         moments[rule] = rows_opt.exp_avg.clone()
     assert norms["joint"] > clip and moments["separate"].norm() / (1 - 0.9) < clip  # the rules differ here
     torch.testing.assert_close(moments["joint"], moments["separate"] * (clip / norms["joint"]), rtol=1e-4, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sample.py's settings (the same configurator as train.py's; the one-line exit is tested above)
+
+def test_sample_settings_unknown_key_wrong_type_help_and_config_file(base_run, tmp_path, capsys):
+    import sample
+    with pytest.raises(ValueError, match="unknown key --temp; valid keys: out_dir, start"):
+        sample.main(["--temp=0.5"])
+    with pytest.raises(ValueError, match="num_samples must be an int, got 'two'"):
+        sample.main(["--num_samples=two"])
+    with pytest.raises(ValueError, match="edit_mode must be one of one_to_one, average"):
+        sample.main(["--edit_mode=copy"])
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "--temperature=0.8" in out and "0: always the likeliest token" in out
+    (tmp_path / "greedy.py").write_text(f"out_dir = {str(base_run)!r}\nstart = 'ROMEO:'\nnum_samples = 1\n"
+                                        "max_new_tokens = 5\ntemperature = 0.0\ndevice = 'cpu'\ndtype = 'float32'\n")
+    sample.main([str(tmp_path / "greedy.py")])
+    first = capsys.readouterr().out
+    sample.main([str(tmp_path / "greedy.py"), "--max_new_tokens=2"])  # the command line wins over the file
+    second = capsys.readouterr().out
+    assert first.startswith("ROMEO:") and first.count("---------------") == 1
+    assert len(second) < len(first) and first.startswith(second.split("\n---")[0])
