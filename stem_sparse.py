@@ -8,22 +8,23 @@ most B x T distinct rows. The path of one step, in order:
   2. the backward leaves a compact [n_unique, width] gradient in rows.grad, never a vocab-sized one;
   3. accumulate(rows): merge it into the step's gradient at once, so what waits is one step's distinct rows;
   4. sync(): under DDP, gather every rank's rows, merge, and average;
-  5. clip_grad_norm_ below scales dense and row gradients together;
-  6. step(lr): a row-wise AdamW on just those rows (update()).
+  5. clip_grad_norm_ below scales the row gradients with the dense ones (or on their own: stem_clip);
+  6. step(lr): a row-wise AdamW on just those rows (update_rows()).
 
 Every sum of table gradients (repeated ids within a micro-step, across micro-steps, across ranks) is a sorted
 segment sum, never index_add_ (which uses float atomics on CUDA): replicas stay bit-identical.
 
 Row-wise ("lazy") AdamW, and where it differs from dense AdamW:
-  - a row's moments and weight decay are updated only at steps whose batch contains its token. Dense AdamW
-    keeps moving rows with zero gradient (their momentum decays and still pushes them) and decays every row
-    every step; lazy Adam leaves untouched rows bit-identical.
+  - a row's moments are updated only at steps whose batch contains its token. Dense AdamW keeps moving rows
+    with zero gradient (their momentum decays and still pushes them); lazy Adam leaves them as they are.
+    Weight decay is the exception: a row gets the decay of the steps it missed when it is next touched, so
+    every row decays as under dense AdamW (SparseRowAdamW's docstring).
   - bias correction uses each row's own update count (row_step), so a rare token's first update is a
     full-size Adam step, exactly as dense AdamW's first step would be. The first step from a fresh state is
     therefore identical to dense AdamW on every row (with weight decay 0, on all rows; with weight decay,
     on the touched rows).
-Clipping: the norm is taken over the dense gradients and the merged row gradients together. Untouched rows
-have zero gradient, so this is exactly the norm dense training would clip by.
+Clipping (stem_clip=joint): the norm is taken over the dense gradients and the merged row gradients together.
+Untouched rows have zero gradient, so this is exactly the norm dense training would clip by.
 """
 
 import math

@@ -364,7 +364,8 @@ def test_lr_schedule():
 
 def test_plan_prints_and_stops_without_data_or_gpu(wave1):
     _, out, _ = wave1["plan"].result()
-    assert "STEM tables" in out and "4.22GB" in out  # 50304 x 11 x 2048 float32
+    assert "table bfloat16/rowwise" in out and "STEM tables" in out  # the preset's choice
+    assert "2.11GB" in out  # 50304 x 11 x 2048 bfloat16
     assert "largest batch_size that fits a 80 GB GPU at block_size 1024:" in out
     assert "starting at step" not in out  # it stopped before building anything
 
