@@ -166,10 +166,9 @@ class OffloadedRowAdamW(SparseRowAdamW):
 
     def lookup(self, idx, grad=True):
         if self.prefetched is not None and self.prefetched[0] is idx:
-            future = self.prefetched[1]
-        else:
+            future, self.prefetched = self.prefetched[1], None
+        else:  # another batch (an evaluation's): fetched now, and the prefetch waits for its own lookup
             future = self._submit("row gather", self._gather, idx.to("cpu"))
-        self.prefetched = None
         future.exception()  # wait; then a failed job (this one, or an update it waited for) raises as itself
         self.check()
         ids, inverse, rows, event = future.result()

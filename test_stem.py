@@ -566,9 +566,12 @@ def test_update_in_slices_equals_one_slice():
 def test_offload_lookup_of_another_batch_leaves_the_prefetch_alone():
     """A lookup of a batch other than the prefetched one (train.py's estimate_loss does this between the
     trainer's prefetch and its lookup) reads its own rows, and the prefetched batch still gets its own.
-    (Mutation caught: lookup() that takes whatever was prefetched.)"""
+    (Mutations caught: lookup() that takes whatever was prefetched; one that drops the prefetch and
+    gathers again.)"""
     model = tiny_stem()
     offload = offloaded(model)
+    gathers = []
+    offload.on_event = lambda event: gathers.append(event) if event == "row gather start" else None
     train_x, eval_x = torch.tensor([[1, 2, 3, 2]]), torch.tensor([[7, 8]])
     offload.prefetch(train_x)
     for x, expect in ((eval_x, [7, 8]), (train_x, [1, 2, 3])):
@@ -576,6 +579,7 @@ def test_offload_lookup_of_another_batch_leaves_the_prefetch_alone():
         assert got.ids.tolist() == expect
         assert torch.equal(got.rows, model.stem_table.detach()[expect])
         assert torch.equal(got.ids[got.inverse], x)
+    assert len(gathers) == 2  # the prefetch, and the evaluation batch's own gather: none again for train_x
 
 
 def test_stochastic_rounding_rounds_up_exactly_the_dropped_fraction():
