@@ -29,7 +29,6 @@ Sampling (HostRowFetcher): the rows of each new token are fetched from host memo
 small device cache of rows (least-frequently-used eviction: token frequencies are Zipfian).
 """
 
-import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -182,12 +181,10 @@ class OffloadedRowAdamW(SparseRowAdamW):
         return StemRows(rows.requires_grad_(grad), inverse, ids)
 
     def step(self, lr):
-        lr = lr * self.lr_mult
-        self.decay += math.log1p(-lr * self.weight_decay)  # as in SparseRowAdamW.step
-        if self.grad is None:
-            return self.check()
-        ids, grad = self.grad
-        self.grad = None
+        self.check()  # a failed job stops training here too, even at a step with no rows
+        super().step(lr)
+
+    def run_update(self, ids, grad, lr, decay):
         grad_ready = None
         if self.cuda:  # device-to-host on the copy stream, after the compute stream has produced the gradient
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -203,11 +200,11 @@ class OffloadedRowAdamW(SparseRowAdamW):
         self.bytes_to_host += grad.numel() * grad.element_size()
         fetched = self.prefetched[1] if self.prefetched is not None else None
         hot = self._submit("update of the rows the next batch reads", self._update_hot, ids, grad, grad_ready,
-                           fetched, lr, self.decay)
+                           fetched, lr, decay)
         if fetched is not None:
             self.prefetched = (self.prefetched[0], self._submit("re-copy of updated rows", self._refresh, fetched,
                                                                  hot))
-        self._submit("update of the other rows", self._update_rest, hot, lr, self.decay)
+        self._submit("update of the other rows", self._update_rest, hot, lr, decay)
 
     def flush(self):
         """Wait until every queued job is done, and raise if one failed (before the table is saved)."""

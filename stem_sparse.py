@@ -164,7 +164,11 @@ class SparseRowAdamW:
         if self.grad is not None:
             ids, g = self.grad
             self.grad = None
-            self.update(ids, g, lr, self.decay)
+            self.run_update(ids, g, lr, self.decay)
+
+    def run_update(self, ids, g, lr, decay):
+        """Where the step's update runs: here, at once (stem_offload.py queues it on its worker instead)."""
+        self.update(ids, g, lr, decay)
 
     @torch.no_grad()
     def update(self, ids, g, lr, decay, rows_at_once=4096):
