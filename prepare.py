@@ -284,6 +284,22 @@ def prepare(input_path=None, name=None, out_root="data", val_fraction=0.1):
     return meta
 
 
+def token_dtype(folder):
+    """The dtype of folder's .bin files, from its meta.json ("uint16" or "uint32"); no meta.json: uint16, as
+    nanoGPT's files."""
+    meta = os.path.join(folder, "meta.json")
+    name = json.load(open(meta)).get("dtype", "uint16") if os.path.exists(meta) else "uint16"
+    if name not in ("uint16", "uint32"):
+        raise PrepareError(f"{meta} says dtype {name!r}: token files must be uint16 or uint32; prepare the data again")
+    return np.dtype(name)
+
+
+def read_tokens(folder, split):
+    """folder/split.bin as a read-only memmap of its token dtype. Open it afresh where you read a batch: a
+    long-lived memmap holds on to every page it has read (nanoGPT)."""
+    return np.memmap(os.path.join(folder, f"{split}.bin"), dtype=token_dtype(folder), mode="r")
+
+
 def check_data(data_dir, dataset, block_size, vocab_size):
     """What train.py checks before it starts: both splits exist, hold a window, and fit the vocabulary."""
     for split in ("train", "val"):
@@ -291,8 +307,9 @@ def check_data(data_dir, dataset, block_size, vocab_size):
         if not os.path.exists(path):
             raise PrepareError(f"no {split} data at {path}: run `python prepare.py` first (or prepare.py --input="
                                f"FILE_OR_DIR --name={dataset} for your own text), or set --data_dir/--dataset")
-        if os.path.getsize(path) // 2 <= block_size + 1:
-            raise PrepareError(f"{path} holds {os.path.getsize(path) // 2} tokens, too few for block_size "
+        n_tokens = os.path.getsize(path) // token_dtype(os.path.join(data_dir, dataset)).itemsize
+        if n_tokens <= block_size + 1:
+            raise PrepareError(f"{path} holds {n_tokens} tokens, too few for block_size "
                                f"{block_size}: give more text or a smaller --block_size")
     meta = os.path.join(data_dir, dataset, "meta.json")
     data_vocab = json.load(open(meta)).get("vocab_size", 0) if os.path.exists(meta) else 0

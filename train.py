@@ -151,14 +151,13 @@ def setup_distributed(cfg):
 def window_starts(cfg, split, stream, step, shape):
     """Window offsets drawn from (seed, stream, step) alone, not from generator state carried between steps: a
     resumed run redraws step k's batch exactly, and every DDP rank draws the same global batch."""
-    n = os.path.getsize(os.path.join(cfg.data_dir, cfg.dataset, f"{split}.bin")) // 2 - cfg.block_size  # +1 for y
+    n = len(prepare.read_tokens(os.path.join(cfg.data_dir, cfg.dataset), split)) - cfg.block_size  # +1 for y
     return np.random.default_rng([cfg.seed, stream, step]).integers(0, n, size=shape)
 
 
 def get_batch(cfg, split, starts):
     """(x on the host, x, y on the device). Ids are checked here, on the host, so the forward needs no sync."""
-    data = np.memmap(os.path.join(cfg.data_dir, cfg.dataset, f"{split}.bin"), dtype=np.uint16, mode="r")  # fresh:
-    # a long-lived memmap holds on to every page it has read (nanoGPT)
+    data = prepare.read_tokens(os.path.join(cfg.data_dir, cfg.dataset), split)  # fresh each batch (nanoGPT)
     x = torch.from_numpy(np.stack([data[i:i + cfg.block_size] for i in starts]).astype(np.int64))
     y = torch.from_numpy(np.stack([data[i + 1:i + 1 + cfg.block_size] for i in starts]).astype(np.int64))
     check_ids(torch.stack([x, y]), cfg.vocab_size)
