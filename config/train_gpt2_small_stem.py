@@ -10,7 +10,10 @@
 # --plan=True --plan_gpu_gb=80` prints the whole plan.
 
 out_dir = "out-gpt2-small-stem"
-dataset = "openwebtext"  # any large corpus: python prepare.py --input=DIR_OF_TXT --name=openwebtext
+# FineWeb-Edu's 10B-token sample (README, "Train on one GPU"): fetch it, then tokenize it into data/fineweb_edu:
+#   hf download HuggingFaceFW/fineweb-edu --repo-type=dataset --include "sample/10BT/*" --local-dir=fineweb-edu
+#   python prepare.py --input=fineweb-edu/sample/10BT --name=fineweb_edu
+dataset = "fineweb_edu"  # any corpus prepare.py made works: --dataset=NAME
 
 # model
 n_layer = 12
