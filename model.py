@@ -16,6 +16,7 @@ With ffn="swiglu" and untied embeddings this is exactly the Llama architecture.
 """
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -88,6 +89,17 @@ class StemRows:
     ids: Optional[torch.Tensor] = None  # [R] token id of each row; None when rows is the whole table
     layers: tuple = ()  # rows split into each STEM layer's [R, d_ff] block (GPT.forward fills it)
     fused: bool = False  # read the rows with the Triton kernel (GPT.forward decides, from GPT.stem_kernel)
+    plan: tuple = ()  # the Triton backward's work plan, shared by every layer (GPT.forward builds it)
+
+    def __post_init__(self):
+        # R, the number of distinct rows, changes every batch: tell torch.compile so, where rows are made (a
+        # lookup, the offload, an edit), or it specialises on the first batch's R and recompiles at the next.
+        # (Only once torch.compile has loaded dynamo: importing it costs a second that eager runs need not pay.)
+        dynamo = sys.modules.get("torch._dynamo")
+        if dynamo is not None and not torch.compiler.is_compiling():
+            for t in (self.rows, self.ids):
+                if t is not None:
+                    dynamo.maybe_mark_dynamic(t, 0)
 
 
 def check_ids(idx, vocab_size):
@@ -237,7 +249,7 @@ class STEM(nn.Module):
         if self.variant == "stem_gate":
             return self.w_down(F.silu(F.embedding(t, E)) * self.w_up(x))
         if stem.fused:  # the same formula as one Triton kernel that reads E's rows in place (stem_ops.py)
-            return self.w_down(stem_ops.silu_mul_rows(self.w_gate(x), E, t))
+            return self.w_down(stem_ops.silu_mul_rows(self.w_gate(x), E, t, list(stem.plan)))
         return self.w_down(F.silu(self.w_gate(x)) * F.embedding(t, E))  # F.embedding(t, E) is E[t]
 
 
@@ -294,9 +306,10 @@ class GPT(nn.Module):
         # GPT-2 init: N(0, 0.02), with the projections that write into the residual stream scaled down
         # by 1/sqrt(2 * n_layer) so the residual's variance does not grow with depth.
         for name, p in self.named_parameters():
-            if name == "stem_table":
-                for layer_table in p.data.split(self.config.d_ff, dim=1):
-                    nn.init.xavier_normal_(layer_table)  # the paper's init, per layer's vocab x d_ff table
+            if name == "stem_table":  # the paper's xavier_normal_ on each layer's vocab x d_ff table; every
+                # layer has the same fan-in and fan-out, so one contiguous fill gives each block that std (4x
+                # faster than filling 11 strided column blocks one by one)
+                nn.init.normal_(p, std=math.sqrt(2.0 / (self.config.vocab_size + self.config.d_ff)))
             elif p.dim() == 1:
                 nn.init.ones_(p)  # RMSNorm weights
             elif name.endswith(("wo.weight", "w_down.weight")):
@@ -330,9 +343,13 @@ class GPT(nn.Module):
                 raise ValueError("the STEM table is in host memory (stem_offload): pass stem_rows from "
                                  "stem_offload.py, or move the model with stem_table_on_host=False")
             stem = stem_rows if stem_rows is not None else StemRows(self.stem_table, idx)  # E[t], plainly
-            # split once, so the backward assembles one gradient for the stacked rows, not one per layer
+            # split once, so the backward assembles one gradient for the stacked rows, not one per layer; the
+            # fused kernel's backward plan depends only on the ids, so it too is built once for every layer
+            fused = stem_ops.use_triton(self.stem_kernel, stem.rows.device)
+            plan = stem_ops.backward_plan(stem.inverse, stem.rows.size(0)) if fused and torch.is_grad_enabled() \
+                else ()
             stem = StemRows(stem.rows, stem.inverse, stem.ids, layers=stem.rows.split(self.config.d_ff, dim=1),
-                            fused=stem_ops.use_triton(self.stem_kernel, stem.rows.device))
+                            fused=fused, plan=tuple(plan))
         cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
         x = self.drop(self.wte(idx))
         aux_loss = torch.zeros((), device=idx.device)

@@ -42,31 +42,56 @@ class OffloadError(ValueError):
     """A host-side job failed; the trainer prints it as one line."""
 
 
+CUDA_HOST_MEMORY_ALREADY_REGISTERED = 712
+
+
 def page_lock(tensor):
     """Pin a plain host tensor in place, at its exact size. (tensor.pin_memory() goes through the caching host
-    allocator, which rounds every allocation up to a power of two: a 4.5 GB table would pin 8 GB.)"""
-    cudart = torch.cuda.cudart()
-    err = cudart.cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), 0)
-    if int(getattr(err, "value", err)) != 0:
-        raise OffloadError(f"cudaHostRegister of {tensor.numel() * tensor.element_size() / 2**30:.1f} GiB failed "
-                           f"({err}): not enough lockable host memory; lower the table size or turn offload off")
+    allocator, which rounds every allocation up to a power of two: a 4.5 GB table would pin 8 GB.) Every
+    page_lock needs its page_unlock, after the last copy that reads the tensor: OffloadedRowAdamW.close()."""
+    nbytes = tensor.numel() * tensor.element_size()
+    err = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), nbytes, 0)
+    err = int(getattr(err, "value", err))  # a cudaError enum or a plain int, by torch version
+    if err == CUDA_HOST_MEMORY_ALREADY_REGISTERED:
+        raise OffloadError("this host memory is page-locked already: an earlier OffloadedRowAdamW was not closed "
+                           "(call its close()), or the memory was locked elsewhere")
+    if err != 0:
+        raise OffloadError(f"cudaHostRegister of {nbytes / 2**30:.1f} GiB failed (CUDA error {err}): not enough "
+                           f"lockable host memory; lower the table size or turn offload off")
     return tensor
 
 
+def page_unlock(tensor):
+    err = torch.cuda.cudart().cudaHostUnregister(tensor.data_ptr())
+    err = int(getattr(err, "value", err))
+    if err != 0:
+        raise OffloadError(f"cudaHostUnregister failed (CUDA error {err})")
+
+
 class OffloadedRowAdamW(SparseRowAdamW):
-    def __init__(self, table, device, **adamw):
+    def __init__(self, table, device, lock_host_memory=None, **adamw):
+        """lock_host_memory: page-lock the table and its moments (default: when device is CUDA). close() unlocks
+        them: call it when done (train.py, bench.py do), or the memory stays locked while the tensors live."""
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         table.data = table.data.to("cpu", copy=True)  # the parameter itself now lives in host memory
         super().__init__(table, **adamw)  # the moments are made beside it, in host memory
-        if self.cuda:
-            for t in (self.table, self.exp_avg, self.exp_avg_sq):
-                page_lock(t)
+        self.locked, self.closed = [], False  # locked: what close() must unlock
+        if self.cuda if lock_host_memory is None else lock_host_memory:
+            try:
+                for t in (self.table, self.exp_avg, self.exp_avg_sq):  # detach(): the storage locked now, kept
+                    self.locked.append(page_lock(t.detach()))  # alive until unlocked even if table.data changes
+            except OffloadError:
+                while self.locked:  # all or nothing
+                    page_unlock(self.locked.pop())
+                raise
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stem-offload")
         self.jobs = []  # (what, future) of every job not yet known to have succeeded
         self.failed = None  # the message of the first job that failed
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
-        self.staging, self.flip = [None, None], 0  # double-buffered pinned staging for gathers
+        self.staging, self.flip = [None, None], 0  # double-buffered pinned staging for gathers: (buffer, last
+        # event that read it). Small, so from the caching host allocator, which frees a dropped buffer only after
+        # the copies recorded on it are done
         self.prefetched = None  # (idx, future of (ids, inverse, device rows, event)) of the next batch
         self.bytes_to_device = self.bytes_to_host = 0
         self.on_event = None  # called with the name of each job as it starts and ends (tests record the order)
@@ -74,6 +99,8 @@ class OffloadedRowAdamW(SparseRowAdamW):
     # -- the worker thread: the only code that touches the host table ------------------------------------
 
     def _submit(self, what, fn, *args):
+        if self.closed:
+            raise OffloadError("this offloaded STEM table's optimizer was closed")
         self.check()
 
         def job():
@@ -113,7 +140,7 @@ class OffloadedRowAdamW(SparseRowAdamW):
             return (rows if into is None else into), None
         k = self.flip = 1 - self.flip
         if self.staging[k] is None or self.staging[k][0].size(0) < n:
-            self.staging[k] = (page_lock(torch.empty(max(n, 1), width, dtype=self.table.dtype)), None)
+            self.staging[k] = (torch.empty(max(n, 1), width, dtype=self.table.dtype, pin_memory=True), None)
         buffer, last = self.staging[k]
         if last is not None:
             last.synchronize()  # the copy that last read this staging buffer is done
@@ -211,6 +238,27 @@ class OffloadedRowAdamW(SparseRowAdamW):
         for _, future in list(self.jobs):
             future.exception()  # waits
         self.check()
+
+    def close(self):
+        """Finish every queued job, then unlock the host memory (after the last copy that reads it) and stop the
+        worker. Idempotent; the table stays usable as a plain host tensor. Raises a failed job's error."""
+        if self.closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self.closed = True
+            self.worker.shutdown(wait=True)
+            if self.cuda:
+                self.copy_stream.synchronize()  # the last copies out of the locked table and staging are done
+            while self.locked:
+                page_unlock(self.locked.pop())
+
+    def __del__(self):  # a dropped optimizer must not leave the table locked: registering it again would fail
+        try:
+            self.close()
+        except Exception:
+            pass
 
     def state_dict(self):
         self.flush()

@@ -10,6 +10,10 @@ saving activations, and sums each row's gradient without float atomics, in two p
           row; a program per (chunk, column block) writes its positions' gate gradients and one partial sum
   pass 2: a program per (row, column block) adds that row's partials in chunk order
 
+Which positions each pass-1 program sums (backward_plan) depends only on the token ids, so GPT.forward builds
+it once for all STEM layers, from ops whose output sizes do not depend on the data: the backward never waits
+for a value read back from the GPU.
+
 Real text is Zipfian ('\\n' fills ~12% of a Shakespeare batch), so summing a row's positions in one serial
 loop would make the backward wait on its most frequent token; with chunks the longest serial chain is
 CHUNK + (that token's positions / CHUNK). The order of every sum is fixed, so runs repeat bit for bit.
@@ -19,6 +23,7 @@ the graph. On a CPU the kernels run under Triton's interpreter (TRITON_INTERPRET
 check them against the PyTorch path.
 """
 
+import contextlib
 import os
 
 import torch
@@ -50,20 +55,36 @@ def use_triton(kernel, device):
     return kernel == "triton"
 
 
-def chunks(inverse, n_rows, chunk=CHUNK):
-    """The backward's work plan. order: positions sorted by row (stable); chunk c covers order[begin[c]:end[c]],
-    positions of one row, row_of_chunk[c]; row r's chunks are first_chunk[r]:first_chunk[r + 1]."""
-    order = torch.argsort(inverse, stable=True)
-    count = torch.bincount(inverse, minlength=n_rows)
-    seg_start = torch.cumsum(count, 0) - count  # where each row's positions begin in order
-    n_chunks = (count + chunk - 1) // chunk
-    first_chunk = torch.zeros(n_rows + 1, dtype=torch.int64, device=inverse.device)
-    first_chunk[1:] = torch.cumsum(n_chunks, 0)
-    row_of_chunk = torch.repeat_interleave(torch.arange(n_rows, device=inverse.device), n_chunks)
-    k = torch.arange(row_of_chunk.numel(), device=inverse.device) - first_chunk[row_of_chunk]  # chunk k of its row
-    begin = seg_start[row_of_chunk] + k * chunk
+def backward_plan(inverse, n_rows, chunk=CHUNK):
+    """The backward's work plan: which positions each pass-1 program sums. It depends only on inverse and the
+    number of rows, so GPT.forward builds it once per forward and every STEM layer's backward shares it. Every
+    op here has an output size known from the input sizes (argsort, searchsorted, cumsum; no bincount, unique
+    or nonzero): on a GPU nothing waits for a value read back to the host, and it builds on the meta device.
+    Returns [order, begin, end, row_of_chunk, first_chunk]:
+      order          positions sorted by the row they read; stable, so a row's positions keep their order
+      chunk c        covers order[begin[c]:end[c]]: at most `chunk` positions, all of row row_of_chunk[c]
+      first_chunk    row r's chunks are first_chunk[r]:first_chunk[r + 1]
+    There are n_rows + ceil(n / chunk) chunks, a bound on what the rows can need whatever the ids; those past
+    the last row's are empty (begin == end) and pass 2 never reads them."""
+    flat = inverse.reshape(-1)
+    n, device = flat.numel(), flat.device
+    order = torch.argsort(flat, stable=True)
+    sorted_rows, rows = flat[order], torch.arange(n_rows, device=device)
+    seg_start = torch.searchsorted(sorted_rows, rows)  # where row r's positions begin in order
+    count = torch.searchsorted(sorted_rows, rows, right=True) - seg_start
+    first_chunk = torch.cat([count.new_zeros(1), torch.cumsum((count + chunk - 1) // chunk, 0)])
+    c = torch.arange(n_rows + (n + chunk - 1) // chunk, device=device)
+    row_of_chunk = (torch.searchsorted(first_chunk, c, right=True) - 1).clamp(max=max(n_rows - 1, 0))
+    begin = seg_start[row_of_chunk] + (c - first_chunk[row_of_chunk]) * chunk  # chunk k of its row starts k * chunk in
     end = torch.minimum(begin + chunk, seg_start[row_of_chunk] + count[row_of_chunk])
-    return order, begin, end, row_of_chunk, first_chunk
+    used = c < first_chunk[-1]
+    return [order, torch.where(used, begin, n), torch.where(used, end, n), row_of_chunk, first_chunk]
+
+
+def _on_device(t):
+    """Triton launches on the current CUDA device, not on its arguments': without this guard, --device=cuda:1
+    (no torchrun) would run the kernel on GPU 0 with GPU 1's pointers."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 if triton is not None:
@@ -113,56 +134,65 @@ def _grid(n, D):
 
 
 @torch.library.custom_op("stem::silu_mul_rows", mutates_args=())
-def silu_mul_rows(gate: torch.Tensor, rows: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+def silu_mul_rows(gate: torch.Tensor, rows: torch.Tensor, inverse: torch.Tensor,
+                  plan: list[torch.Tensor]) -> torch.Tensor:
     """SiLU(gate) * rows[inverse]. gate: [..., D]; rows: [R, D], row stride may exceed D (one layer's column
-    block of the stacked table); inverse: gate.shape[:-1] ints in [0, R). Returns gate's dtype."""
+    block of the stacked table); inverse: gate.shape[:-1] ints in [0, R); plan: backward_plan(inverse, R), kept
+    for the backward (empty when no gradient is wanted). Returns a contiguous tensor of gate's dtype."""
     D = gate.size(-1)
     g2, flat = gate.reshape(-1, D).contiguous(), inverse.reshape(-1).contiguous()
     rows = rows if rows.stride(1) == 1 else rows.contiguous()
     out = torch.empty_like(g2)
     grid, block = _grid(g2.size(0), D)
-    _forward_kernel[grid](g2, rows, flat, out, D, g2.stride(0), rows.stride(0), BLOCK=block)
+    with _on_device(gate):
+        _forward_kernel[grid](g2, rows, flat, out, D, g2.stride(0), rows.stride(0), BLOCK=block)
     return out.view(gate.shape)
 
 
 @silu_mul_rows.register_fake
-def _(gate, rows, inverse):
-    return torch.empty_like(gate)
+def _(gate, rows, inverse, plan):
+    return gate.new_empty(gate.shape)  # contiguous, as the real op's (empty_like would keep gate's strides)
 
 
 @torch.library.custom_op("stem::silu_mul_rows_backward", mutates_args=())
-def silu_mul_rows_backward(grad_h: torch.Tensor, gate: torch.Tensor, rows: torch.Tensor,
-                           inverse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def silu_mul_rows_backward(grad_h: torch.Tensor, gate: torch.Tensor, rows: torch.Tensor, inverse: torch.Tensor,
+                           plan: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad of gate, grad of rows) of silu_mul_rows, in two passes that follow plan (see backward_plan)."""
+    if len(plan) != 5:
+        raise ValueError("silu_mul_rows was called without a backward plan: build it with "
+                         "stem_ops.backward_plan(inverse, rows.size(0)) when a gradient is wanted")
     D = gate.size(-1)
-    g2, flat = gate.reshape(-1, D).contiguous(), inverse.reshape(-1).contiguous()
-    dh = grad_h.reshape(-1, D).contiguous()
+    g2, dh = gate.reshape(-1, D).contiguous(), grad_h.reshape(-1, D).contiguous()
     rows = rows if rows.stride(1) == 1 else rows.contiguous()
-    order, begin, end, row_of_chunk, first_chunk = chunks(flat, rows.size(0))
+    order, begin, end, row_of_chunk, first_chunk = plan
     grad_gate = torch.empty_like(g2)
     partial = torch.empty(begin.numel(), D, dtype=torch.float32, device=gate.device)
     grad_rows = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
-    grid, block = _grid(begin.numel(), D)
-    if begin.numel():
-        _backward_pass1[grid](g2, rows, dh, order, begin, end, row_of_chunk, grad_gate, partial, D,
-                              g2.stride(0), rows.stride(0), BLOCK=block)
-    grid, block = _grid(rows.size(0), D)
-    _backward_pass2[grid](partial, first_chunk, grad_rows, D, grad_rows.stride(0), BLOCK=block)
+    with _on_device(gate):
+        grid, block = _grid(begin.numel(), D)
+        if begin.numel():
+            _backward_pass1[grid](g2, rows, dh, order, begin, end, row_of_chunk, grad_gate, partial, D,
+                                  g2.stride(0), rows.stride(0), BLOCK=block)
+        grid, block = _grid(rows.size(0), D)
+        if rows.size(0):
+            _backward_pass2[grid](partial, first_chunk, grad_rows, D, grad_rows.stride(0), BLOCK=block)
     return grad_gate.view(gate.shape), grad_rows
 
 
 @silu_mul_rows_backward.register_fake
-def _(grad_h, gate, rows, inverse):
-    return torch.empty_like(gate), rows.new_empty(rows.shape)
+def _(grad_h, gate, rows, inverse, plan):
+    return gate.new_empty(gate.shape), rows.new_empty(rows.shape)
 
 
 def _save(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    gate, rows, inverse, plan = inputs
+    ctx.save_for_backward(gate, rows, inverse, *plan)
 
 
 def _backward(ctx, grad_h):
-    gate, rows, inverse = ctx.saved_tensors
-    grad_gate, grad_rows = silu_mul_rows_backward(grad_h, gate, rows, inverse)
-    return grad_gate, grad_rows, None
+    gate, rows, inverse, *plan = ctx.saved_tensors
+    grad_gate, grad_rows = silu_mul_rows_backward(grad_h, gate, rows, inverse, plan)
+    return grad_gate, grad_rows, None, [None] * len(plan)
 
 
 silu_mul_rows.register_autograd(_backward, setup_context=_save)

@@ -129,6 +129,10 @@ class SparseRowAdamW:
     def prefetch(self, idx, idx_host=None):
         """A hint that idx is a coming batch; the rows are on the device already, so nothing to do here."""
 
+    def close(self):
+        """Release what the optimizer holds outside Python's reach: nothing here (stem_offload.py has a worker
+        thread and page-locked memory)."""
+
     def lookup(self, idx, grad=True):
         ids, inverse = torch.unique(idx, return_inverse=True)
         return StemRows(self.table.detach()[ids].requires_grad_(grad), inverse, ids)

@@ -48,19 +48,31 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 
 def test_backward_chunks_cover_every_position_once_and_bound_the_serial_work():
     """The backward's work plan on real, skewed ids: each chunk is at most CHUNK positions of one row, and the
-    chunks of a row cover its positions once, in sorted order. (Mutation: a chunk size without the cap, or
-    chunks that cross rows, fails here.)"""
+    chunks of a row cover its positions once, in sorted order; the plan has its fixed number of chunks, the
+    unused ones empty. (Mutation: a chunk size without the cap, or chunks that cross rows, fails here.)"""
     inverse = torch.unique(shakespeare_ids(4096), return_inverse=True)[1]
     n_rows = int(inverse.max()) + 1
-    order, begin, end, row_of_chunk, first_chunk = stem_ops.chunks(inverse, n_rows)
+    order, begin, end, row_of_chunk, first_chunk = stem_ops.backward_plan(inverse, n_rows)
+    used = int(first_chunk[-1])
+    assert begin.numel() == n_rows + -(-inverse.numel() // stem_ops.CHUNK)  # fixed by the sizes, not the ids
     lengths = end - begin
-    assert int(lengths.max()) <= stem_ops.CHUNK and int(lengths.min()) >= 1
+    assert int(lengths[:used].max()) <= stem_ops.CHUNK and int(lengths[:used].min()) >= 1
+    assert (lengths[used:] == 0).all()
     assert torch.equal(torch.cat([order[b:e] for b, e in zip(begin.tolist(), end.tolist())]), order)
     assert all((inverse[order[b:e]] == r).all() for b, e, r in zip(begin.tolist(), end.tolist(), row_of_chunk.tolist()))
     counts = torch.bincount(inverse, minlength=n_rows)
     assert torch.equal(first_chunk[1:] - first_chunk[:-1], (counts + stem_ops.CHUNK - 1) // stem_ops.CHUNK)
     # the longest serial chain: CHUNK positions in pass 1, then one add per chunk of the hottest row in pass 2
     assert int(counts.max()) > 10 * stem_ops.CHUNK  # the test's ids really are skewed
+
+
+def test_backward_plan_builds_on_the_meta_device():
+    """The plan needs no value of the ids, only their number: it builds on the meta device, where any op that
+    reads data (a sync on a GPU: bincount, nonzero, .item(), repeat_interleave without output_size) raises.
+    (Mutation caught: the old plan's bincount and repeat_interleave.)"""
+    inverse = torch.empty(2, 300, dtype=torch.long, device="meta")
+    plan = stem_ops.backward_plan(inverse, 77)
+    assert [t.shape[0] for t in plan] == [600, 77 + 600 // 32 + 1, 77 + 600 // 32 + 1, 77 + 600 // 32 + 1, 78]
 
 
 TRITON_CHECK = r"""
@@ -85,7 +97,7 @@ for name, inverse in (("shakespeare", real), ("one hot row", skewed)):
             if kernel == "torch":     # the model's own path, with fp32 math as the kernel does it
                 out = (F.silu(gate.float()) * F.embedding(inverse, E)).to(dtype)
             else:
-                out = stem_ops.silu_mul_rows(gate, E, inverse)
+                out = stem_ops.silu_mul_rows(gate, E, inverse, stem_ops.backward_plan(inverse, R))
             (out.float() * upstream.float()).sum().backward()
             results.append((out.detach().float(), gate.grad.float(), rows.grad))
         ref, a, b = results
@@ -127,6 +139,91 @@ def test_triton_kernel_matches_torch_path_under_interpreter():
                           text=True, timeout=600)
     assert proc.returncode == 0 and "TRITON_OK" in proc.stdout, proc.stdout + proc.stderr
     print(proc.stdout)
+
+
+def run_interpreted(code, timeout=600):
+    """code in a fresh Python with TRITON_INTERPRET=1 (it must be set before triton compiles the kernels, i.e.
+    before stem_ops is imported); returns its stdout, and fails the test if it does not print OK."""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=dict(os.environ, TRITON_INTERPRET="1"),
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0 and "OK" in proc.stdout.split(), proc.stdout + proc.stderr
+    return proc.stdout
+
+
+HOST_READS = r"""
+import traceback, torch
+from torch._library.custom_ops import OPDEFS
+from torch.utils._python_dispatch import TorchDispatchMode
+from model import GPT, GPTConfig
+from stem_sparse import SparseRowAdamW
+aten = torch.ops.aten
+
+class HostReads(TorchDispatchMode):
+    # Records every op that reads tensor data back to the host or sizes its output by the data: on a GPU each
+    # one waits for the queue to drain. Our custom ops' bodies run under the mode, so it sees inside them.
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        data_dependent = torch.Tag.dynamic_output_shape in func.tags or torch.Tag.data_dependent_output in func.tags
+        if func is aten.index.Tensor:  # only boolean-mask indexing has a data-dependent size
+            data_dependent = any(i is not None and i.dtype == torch.bool for i in args[1])
+        if func in (aten.repeat_interleave.self_Tensor, aten.repeat_interleave.Tensor):
+            data_dependent = kwargs.get("output_size") is None  # else it reads the total back
+        if data_dependent:
+            self.reads.append((str(func), [f.name for f in traceback.extract_stack()]))
+        if func.namespace == "stem":
+            with self:
+                return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
+        return func(*args, **kwargs)
+
+torch.manual_seed(0)
+model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=4, n_head=2, n_embd=16, d_ff=32, ffn="stem"))
+model.stem_kernel = "triton"
+rows_opt = SparseRowAdamW(model.stem_table)
+x = torch.randint(0, 64, (2, 16))
+with HostReads() as mode:
+    rows = rows_opt.lookup(x)
+    model(x, x, stem_rows=rows)[1].backward()
+assert rows.rows.grad is not None and model.blocks[1].ffn.w_gate.weight.grad is not None
+# check_ids reads the ids' range back, on a CPU only (GPT.forward skips it on a GPU: get_batch checked them)
+reads = [op for op, stack in mode.reads if "check_ids" not in stack]
+print("READS", reads)
+assert reads == ["aten._unique2.default"], reads
+print("OK")
+"""
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_fused_micro_step_reads_nothing_back_but_the_lookups_unique():
+    """A fused micro-step (lookup, forward, backward) of a model with three STEM layers: the only op that reads
+    data back to the host (or sizes its output by the data) is the lookup's one unique. (Mutation caught: the
+    old per-layer plan, bincount + repeat_interleave in every STEM layer's backward: 7 such ops, not 1.)"""
+    run_interpreted(HOST_READS)
+
+
+OPCHECK = r"""
+import torch, stem_ops
+torch.manual_seed(0)
+N, D, R = 40, 24, 7
+inverse = torch.randint(0, R, (N,))
+plan = stem_ops.backward_plan(inverse, R)
+gate = torch.randn(D, N).t().requires_grad_()              # a transposed, non-contiguous gate
+rows = torch.randn(R, 3 * D)[:, D:2 * D].requires_grad_()  # one layer's column block of the stacked rows
+grad_h = torch.randn(N, D)
+torch.library.opcheck(stem_ops.silu_mul_rows, (gate, rows, inverse, plan))
+torch.library.opcheck(stem_ops.silu_mul_rows_backward, (grad_h, gate.detach(), rows.detach(), inverse, plan))
+print("OK")
+"""
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_fused_ops_pass_opcheck_with_strided_inputs():
+    """torch.library.opcheck (schema, fake tensors, autograd registration, AOT dispatch with dynamic shapes) on
+    both custom ops, with a transposed gate and a column-block view of rows: what torch.compile relies on.
+    (Mutation caught: a fake that returns empty_like(gate), keeping the transposed strides the real op drops.)"""
+    run_interpreted(OPCHECK)
 
 
 @pytest.mark.parametrize("ffn,sparse", [("swiglu", False), ("stem", False), ("stem", True)])
@@ -422,7 +519,7 @@ def test_offload_training_equals_on_device_sparse(dtype, state):
     ref_losses, _ = run_rows_training(ref_model, ref_rows, batches)
     offload = offloaded(model, state=state)
     losses, _ = run_rows_training(model, offload, batches)
-    offload.flush()
+    offload.close()  # finishes the queued updates, as flush() would, and releases the worker
     assert losses == ref_losses
     assert torch.equal(model.stem_table, ref_model.stem_table)
     assert offload.bytes_to_host > 0
@@ -489,7 +586,7 @@ def test_offload_update_overlaps_the_next_forward():
     model(*batches[1], stem_rows=nxt)[1].backward()
     events.append("next forward and backward done")
     release.set()
-    offload.flush()
+    offload.close()
     assert "timed out" not in events
     assert events.index("update of the rows the next batch reads end") < events.index("re-copy of updated rows end") \
         < events.index("lookup", events.index("re-copy of updated rows end")) \
@@ -542,7 +639,7 @@ def test_row_lr_mult_scales_the_learning_rate():
                 opt.grad = (grad[0], grad[1].clone())
                 opt.step(lr)
             if isinstance(opt, OffloadedRowAdamW):
-                opt.flush()
+                opt.close()
             tables.append(table.detach())
         assert torch.equal(tables[0], tables[1]) and not torch.equal(tables[0], tables[2])
 
@@ -639,9 +736,9 @@ def test_backward_chunks_at_exact_multiples_of_chunk():
     C = stem_ops.CHUNK
     inverse = torch.tensor([0] * C + [1] * (2 * C) + [2] * (C + 1) + [3])
     inverse = inverse[torch.randperm(inverse.numel(), generator=torch.Generator().manual_seed(0))]
-    order, begin, end, row_of_chunk, first_chunk = stem_ops.chunks(inverse, 4)
+    order, begin, end, row_of_chunk, first_chunk = stem_ops.backward_plan(inverse, 4)
     assert first_chunk.tolist() == [0, 1, 3, 5, 6]
-    assert (end - begin).tolist() == [C, C, C, C, 1, 1] and row_of_chunk.tolist() == [0, 1, 1, 2, 2, 3]
+    assert (end - begin).tolist() == [C, C, C, C, 1, 1, 0, 0, 0] and row_of_chunk[:6].tolist() == [0, 1, 1, 2, 2, 3]
 
 
 def test_backward_chunks_keep_each_rows_positions_in_position_order():
@@ -649,7 +746,7 @@ def test_backward_chunks_keep_each_rows_positions_in_position_order():
     backward runs in one fixed order. (Mutation caught: argsort without stable=True, which on a CPU already
     reorders the positions of these Shakespeare ids.)"""
     inverse = torch.unique(shakespeare_ids(4096), return_inverse=True)[1]
-    order = stem_ops.chunks(inverse, int(inverse.max()) + 1)[0]
+    order = stem_ops.backward_plan(inverse, int(inverse.max()) + 1)[0]
     assert torch.equal(order, torch.argsort(inverse * inverse.numel() + torch.arange(inverse.numel())))  # unique keys
 
 
@@ -669,3 +766,51 @@ def test_offload_state_dict_waits_for_a_running_update():
     threading.Timer(0.2, release.set).start()
     row_step = offload.state_dict()["row_step"].clone()  # the live tensor: the worker would change it later
     assert row_step.nonzero().flatten().tolist() == [1, 2, 3]
+
+
+class RecordingCudart:
+    """Stands in for torch.cuda.cudart() on a machine without CUDA, with CUDA's rules for page-locking host
+    memory: registering a range that overlaps a registered one fails with error 712, unregistering an address
+    that is not registered with 713. It records what is locked now."""
+
+    def __init__(self):
+        self.locked = {}  # address -> bytes
+
+    def cudaHostRegister(self, ptr, nbytes, flags):
+        if any(p < ptr + nbytes and ptr < p + n for p, n in self.locked.items()):
+            return 712
+        self.locked[ptr] = nbytes
+        return 0
+
+    def cudaHostUnregister(self, ptr):
+        return 0 if self.locked.pop(ptr, None) is not None else 713
+
+
+def test_offload_unlocks_its_host_memory_on_close_and_when_dropped(monkeypatch):
+    """Every page-lock is paired with an unlock of the same memory: close() unlocks the table and both moments
+    (locked at their exact sizes), also after another optimizer has replaced the table's data; a dropped
+    optimizer unlocks too (else its freed memory stays locked, and a later lock of those addresses fails with
+    error 712); that error names the cause. (Mutations caught: close() that leaves the memory locked, an unlock
+    of table.data's address of the moment instead of the one locked, no unlock for a dropped optimizer.)"""
+    import gc
+    cudart = RecordingCudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    model = tiny_stem()
+    first = offloaded(model, lock_host_memory=True)
+    sizes = {t.data_ptr(): t.numel() * t.element_size() for t in (first.table, first.exp_avg, first.exp_avg_sq)}
+    assert cudart.locked == sizes
+    run_rows_training(model, first, make_batches(2))
+    second = OffloadedRowAdamW(model.stem_table, "cpu", lock_host_memory=True)  # copies the table anew
+    assert len(cudart.locked) == 6
+    first.close()
+    assert len(cudart.locked) == 3 and not set(cudart.locked) & set(sizes)
+    with pytest.raises(OffloadError, match="closed"):
+        first.lookup(make_batches(1)[0][0])
+    del second
+    gc.collect()
+    assert cudart.locked == {}
+    from stem_offload import page_lock
+    table = torch.zeros(4, 4)
+    page_lock(table)
+    with pytest.raises(OffloadError, match="page-locked already.*close()"):
+        page_lock(table)

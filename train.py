@@ -385,6 +385,8 @@ def main(argv):
             bar.update(1)
     finally:
         bar.close()
+        if rows_opt is not None:
+            rows_opt.close()  # an offloaded table: finish its host updates, unlock its memory, stop its worker
     if master:
         print(f"done: step {cfg.max_iters}, train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
               f"(best {best_val_loss:.4f}); checkpoint in {cfg.out_dir}/ckpt.pt")
