@@ -1,16 +1,19 @@
 """
 Does a STEM edit change what a model knows? Two measurements around knowledge_edit.py's edit:
 
-    python edit_experiment.py                  # train a small STEM model on country/capital facts; flip rates
+    python edit_experiment.py                  # train small STEM models on country/capital facts; flip rates
+    python edit_experiment.py --layers=all --seeds=1337   # the demo model only: STEM in every layer, layer 0 too
     python edit_experiment.py --what=spread    # angular spread: STEM rows vs SwiGLU's W_up x (after the above)
-    python edit_experiment.py --train_args="--stem_layers=[0,1,2,3]" --out_dir=out/edit_l0   # STEM in layer 0 too
 
 experiment: 40 countries and capitals, each one GPT-2 token after a space, in 8 sentence templates (2 with the
-capital first) make a corpus that prepare.py tokenizes and train.py, in a child process, learns. A prompt is a
-template cut before the capital ("\\nThe capital of Spain is"), from the 6 training templates with the country
-first and 3 held-out ones. For each ordered pair (A, B) the prompt about A gets the edit A->B; the flip rate
-is how often the argmax next token is then B's capital. Controls: B's token embedding at A's position instead
-of B's STEM rows, and both at once, which equals writing B (a token id enters the model only through those).
+capital first) make a corpus that prepare.py tokenizes and train.py, in a child process, learns: one model per
+layer setting (default: STEM in every layer but layer 0, train.py's default and the official code's; all: every
+layer, layer 0 included) and per seed, in out_dir/<layers>_s<seed>. A prompt is a template cut before the
+capital ("\\nThe capital of Spain is"), from the 6 training templates with the country first and 3 held-out
+ones. For each ordered pair (A, B) the prompt about A gets the edit A->B; the flip rate is how often the answer
+is then B's capital, the answer being the argmax next token (readout=token) or the first word of a greedy
+continuation (readout=word). Controls: B's token embedding at A's position instead of B's STEM rows, and both
+at once, which equals writing B (a token id enters the model only through those).
 
 spread: pairwise cosines between the STEM rows E_l[t] of the `top` most frequent training tokens, per STEM
 layer; beside them the same for a SwiGLU model trained on the same data (here, through train.py, if it is
@@ -23,6 +26,7 @@ import json as jsonlib
 import math
 import os
 import random
+import re
 import shlex
 import subprocess
 import sys
@@ -37,23 +41,27 @@ import torch.nn.functional as F
 import checkpoint
 from configurator import ConfigError, defaults_of, parse, run_main
 from knowledge_edit import MODES, EditError, EditedRows, edited_rows, make_edits, plan_edits, table_rows
-from prepare import load_tokenizer, prepare
+from prepare import load_tokenizer, prepare, read_tokens
 
 # ----------------------------------------------------------------------------------------------------------
 # settings (--key=value or a config/*.py file)
 what = "experiment"  # experiment (train, then flip rates) | spread (STEM rows vs SwiGLU W_up x)
 json = ""  # also write the results here as JSON
 # experiment
-out_dir = "out/edit_experiment"  # train.py's out_dir: the model is out_dir/ckpt.pt
+layers = "both"  # STEM layers of the models: default (all but layer 0, train.py's default) | all (every layer) | both
+seeds = "1337,1338"  # train.py seeds, comma separated: one model per seed and layer setting
+out_dir = "out/edit_experiment"  # the models go to out_dir/<layers>_s<seed>/ckpt.pt (default_s1337, all_s1337, ...)
 data_dir = "data"  # the corpus goes to data_dir/name (train.py reads it from there)
-name = "edit_experiment"  # dataset name
-repeats = 100  # shuffled passes over all 320 fact sentences in the corpus
+name = "edit_experiment"  # dataset name (with fewer than 40 facts: name_<n_facts>facts)
+n_facts = 40  # use the first n_facts countries (at least 2; Spain and Germany, the demo's, are the 3rd and 2nd)
+repeats = 100  # shuffled passes over all the fact sentences in the corpus
+readout = "token"  # the answer: token (the argmax next token) | word (first word of a 3-token greedy continuation)
 edit_mode = "one_to_one"  # how unequal token lengths are handled (all entities here are one token)
-reuse = False  # skip training when out_dir/ckpt.pt exists
+reuse = False  # skip training where out_dir/<layers>_s<seed>/ckpt.pt exists
 per_source = False  # also print a row per source country A
-train_args = ""  # more train.py settings after ours, space separated, e.g. "--max_iters=1000 --stem_layers=[0,1,2,3]"
+train_args = ""  # more train.py settings after ours, space separated, e.g. "--max_iters=1000 --n_embd=64"
 # spread
-stem_ckpt = "out/edit_experiment/ckpt.pt"  # the STEM model whose rows are measured
+stem_ckpt = "out/edit_experiment/default_s1337/ckpt.pt"  # the STEM model whose rows are measured
 swiglu_ckpt = "out/edit_experiment_swiglu/ckpt.pt"  # the SwiGLU model to compare with
 train_swiglu = True  # train that SwiGLU model (like the STEM one, ffn=swiglu) if its checkpoint is missing
 top = 256  # this many most frequent training tokens
@@ -61,7 +69,8 @@ split = "val"  # train | val: the text whose FFN inputs x go through SwiGLU's W_
 max_tokens = 65536  # at most this many tokens of that text
 # ----------------------------------------------------------------------------------------------------------
 SETTINGS = defaults_of(globals())
-CHOICES = {"what": ("experiment", "spread"), "edit_mode": MODES, "split": ("train", "val")}
+CHOICES = {"what": ("experiment", "spread"), "layers": ("default", "all", "both"), "edit_mode": MODES,
+           "readout": ("token", "word"), "split": ("train", "val")}
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # ----------------------------------------------------------------------------------------------------------
@@ -97,7 +106,7 @@ HELD_OUT_TEMPLATES = [  # never in the corpus: do the facts (and the edits) carr
 EXPERIMENT_TRAIN_ARGS = {
     "n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 32, "batch_size": 8, "max_iters": 500,
     "learning_rate": 3e-3, "min_lr": 3e-4, "warmup_iters": 20, "eval_interval": 250, "eval_iters": 4,
-    "log_interval": 10, "seed": 1337,
+    "log_interval": 10,
 }
 
 
@@ -119,10 +128,10 @@ def swapped_embeddings(model, plans):
         handle.remove()
 
 
-def fact_tokens(enc):
+def fact_tokens(enc, facts=FACTS):
     """[(country id, capital id)], checking that each is a single token after a space."""
     out = []
-    for country, capital in FACTS:
+    for country, capital in facts:
         c, k = enc.encode_ordinary(" " + country), enc.encode_ordinary(" " + capital)
         if len(c) != 1 or len(k) != 1:
             raise RuntimeError(f"{country!r}/{capital!r} is not one token each after a space: {c} {k}")
@@ -132,11 +141,11 @@ def fact_tokens(enc):
     return out
 
 
-def write_corpus(text_dir, repeats, n_files=10, seed=0):
+def write_corpus(text_dir, repeats, facts=FACTS, n_files=10, seed=0):
     """repeats shuffled passes over every (fact, training template) sentence, one sentence a line, spread
     over n_files files (prepare.py holds out every 10th file as val)."""
     rng = random.Random(seed)
-    sentences = [t.format(c=c, k=k) for c, k in FACTS for t in TRAIN_TEMPLATES]
+    sentences = [t.format(c=c, k=k) for c, k in facts for t in TRAIN_TEMPLATES]
     os.makedirs(text_dir, exist_ok=True)
     per_file = math.ceil(repeats / n_files)
     for f in range(n_files):
@@ -176,44 +185,74 @@ def next_token_logprobs(model, idx, plans=None, where="none"):
     return logits[:, -1].float().log_softmax(dim=-1)
 
 
-def evaluate_edits(model, enc, edit_mode="one_to_one"):
+@torch.no_grad()
+def greedy_first_words(model, enc, idx, plans=None, where="none", new_tokens=3):
+    """The first word of each row's greedy continuation (new_tokens tokens), with the edits in plans applied
+    as in next_token_logprobs, to the prompt's positions only. The embedding swap counts positions from 0,
+    so those conditions run generate without the KV cache."""
+    rows_fn = None
+    if where in ("stem", "both"):
+        base = table_rows(model.stem_table)
+        rows_fn = lambda tokens, start: edited_rows(base, tokens, start, plans)  # noqa: E731
+    embed = swapped_embeddings(model, plans) if where in ("wte", "both") else nullcontext()
+    with embed:
+        out = model.generate(idx, new_tokens, temperature=0, use_cache=where in ("none", "stem"), stem_rows_fn=rows_fn)
+    words = []
+    for row in out[:, idx.size(1):].tolist():
+        m = re.match(r"\s*(\w+)", enc.decode([t for t in row if t < enc.n_vocab]))
+        words.append(m.group(1) if m else "")
+    return words
+
+
+def answers(model, enc, idx, plans, where, readout, capital_of_word):
+    """[N] answers: the argmax next token (readout=token), or the capital token whose word begins the greedy
+    continuation, -1 when that word is no capital (readout=word); and [N, vocab] next-token probabilities."""
+    logp = next_token_logprobs(model, idx, plans, where)
+    if readout == "token":
+        return logp.argmax(dim=-1), logp
+    words = greedy_first_words(model, enc, idx, plans, where)
+    return torch.tensor([capital_of_word.get(w, -1) for w in words]), logp
+
+
+def evaluate_edits(model, enc, facts=FACTS, edit_mode="one_to_one", readout="token"):
     """Accuracy before editing and, for every ordered pair (A, B), the capital the model names after A->B is
     applied to the prompts about A, and the probability it gives B's capital, under each intervention
     ("none" is the unedited model on the same prompts). Returns a dict of numpy arrays [A, B, template]."""
-    facts = fact_tokens(enc)
-    n = len(FACTS)
+    ids = fact_tokens(enc, facts)
+    n = len(facts)
     templates = [t for t in TRAIN_TEMPLATES if t.index("{c}") < t.index("{k}")] + HELD_OUT_TEMPLATES
     held = np.array([t in HELD_OUT_TEMPLATES for t in templates])
-    capital = torch.tensor([k for _, k in facts])
+    capital = torch.tensor([k for _, k in ids])
+    capital_of_word = {k: t for (_, k), (_, t) in zip(facts, ids)}
     pairs = [(a, b) for a in range(n) for b in range(n) if a != b]
     a_of, b_of = torch.tensor([a for a, _ in pairs]), torch.tensor([b for _, b in pairs])
     conditions = ("none", "stem", "wte", "both")
     answer = {w: np.zeros((n, n, len(templates)), dtype=np.int64) for w in conditions}
     p_target = {w: np.zeros((n, n, len(templates))) for w in conditions}
     for j, template in enumerate(templates):
-        prompts = torch.tensor([prompt_ids(enc, template, c, k) for c, k in FACTS])
+        prompts = torch.tensor([prompt_ids(enc, template, c, k) for c, k in facts])
         # unedited: one pass over the n prompts serves every pair
-        logp = next_token_logprobs(model, prompts)
-        answer["none"][:, :, j] = logp.argmax(dim=-1)[:, None].expand(n, n).numpy()
+        ans, logp = answers(model, enc, prompts, None, "none", readout, capital_of_word)
+        answer["none"][:, :, j] = ans[:, None].expand(n, n).numpy()
         p_target["none"][:, :, j] = logp[:, capital].exp().numpy()
         # every ordered pair (a, b), a != b, in one batch: the prompt about a, the edit a->b
         idx = prompts[a_of]
-        plans = [plan_edits(row, make_edits([f"{FACTS[a][0]}->{FACTS[b][0]}"], enc), edit_mode)
+        plans = [plan_edits(row, make_edits([f"{facts[a][0]}->{facts[b][0]}"], enc), edit_mode)
                  for row, (a, b) in zip(idx.tolist(), pairs)]
         assert all(len(p) == 1 for p in plans), "each prompt names its country once"
         for where in conditions[1:]:
-            logp = next_token_logprobs(model, idx, plans, where)
-            answer[where][a_of, b_of, j] = logp.argmax(dim=-1).numpy()
+            ans, logp = answers(model, enc, idx, plans, where, readout, capital_of_word)
+            answer[where][a_of, b_of, j] = ans.numpy()
             p_target[where][a_of, b_of, j] = logp.gather(1, capital[b_of, None])[:, 0].exp().numpy()
     before = answer["none"][:, 0, :] == capital.numpy()[:, None]
     return {"templates": templates, "held_out": held, "before": before, "capital": capital.numpy(),
-            "answers": answer, "p_target": p_target}
+            "answers": answer, "p_target": p_target, "facts": list(facts)}
 
 
 def summarize(ev):
     """Flip rates per intervention and template group, as rows of a table."""
     capital, before, held = ev["capital"], ev["before"], ev["held_out"]
-    off = ~np.eye(len(FACTS), dtype=bool)  # ordered pairs a != b
+    off = ~np.eye(len(capital), dtype=bool)  # ordered pairs a != b
     rows = []
     for group, cols in (("training templates", ~held), ("held-out templates", held)):
         for where, label in (("stem", "STEM rows (the edit)"), ("wte", "token embedding (control)"),
@@ -223,7 +262,8 @@ def summarize(ev):
             # the prompts where the model knew both facts before: A's under that template, and B's
             known = before[:, None, cols] & before[None, :, cols]
             rows.append({
-                "templates": group, "intervention": label, "accuracy_before": float(before[:, cols].mean()),
+                "templates": group, "intervention": label, "where": where,
+                "accuracy_before": float(before[:, cols].mean()),
                 "flip_rate": float(to_b[off].mean()),
                 "flip_rate_known": float(to_b[off][known[off]].mean()) if known[off].any() else float("nan"),
                 "still_a": float(to_a[off].mean()), "other": float((~to_b & ~to_a)[off].mean()),
@@ -236,7 +276,7 @@ def summarize(ev):
 
 def markdown_table(rows):
     head = ("| templates | intervention | accuracy before | flip rate A->B | flip rate, both known | still A | "
-            "other | p(B's capital) before -> after | edited prompts |")
+            "neither capital | p(B's capital) before -> after | edited prompts |")
     lines = [head, "|" + "---|" * 9]
     for r in rows:
         lines.append(f"| {r['templates']} | {r['intervention']} | {r['accuracy_before']:.1%} | {r['flip_rate']:.1%} | "
@@ -245,11 +285,37 @@ def markdown_table(rows):
     return "\n".join(lines)
 
 
+LAYER_NAMES = {"default": "1-{last} (default)", "all": "0-{last} (every layer)"}
+
+
+def comparison_table(runs):
+    """One line per model and template group: the STEM edit beside the embedding-swap control; then the mean
+    over seeds of each layer setting."""
+    lines = ["| STEM layers | seed | templates | accuracy before | flip rate, STEM edit | embedding swap (control) | "
+             "STEM edit: neither capital | STEM edit: still A |", "|" + "---|" * 8]
+
+    def line(layers, seed, group, rows):
+        get = lambda where, key: np.mean([r[key] for r in rows if r["where"] == where])  # noqa: E731
+        lines.append(f"| {layers} | {seed} | {group} | {get('stem', 'accuracy_before'):.1%} | "
+                     f"{get('stem', 'flip_rate'):.1%} | {get('wte', 'flip_rate'):.1%} | {get('stem', 'other'):.1%} | "
+                     f"{get('stem', 'still_a'):.1%} |")
+
+    for setting in dict.fromkeys(r["layers"] for r in runs):
+        mine = [r for r in runs if r["layers"] == setting]
+        label = LAYER_NAMES[setting].format(last=mine[0]["n_layer"] - 1)
+        for group in ("training templates", "held-out templates"):
+            for r in mine:
+                line(label, r["seed"], group, [x for x in r["rows"] if x["templates"] == group])
+            if len(mine) > 1:
+                line(label, "mean", group, [x for r in mine for x in r["rows"] if x["templates"] == group])
+    return "\n".join(lines)
+
+
 def per_source_table(ev):
     """Per country A: accuracy before, and the STEM / embedding flip rates averaged over the targets B."""
-    cap, held, off = ev["capital"], ev["held_out"], ~np.eye(len(FACTS), dtype=bool)
+    cap, held, off = ev["capital"], ev["held_out"], ~np.eye(len(ev["capital"]), dtype=bool)
     lines = ["| A | accuracy before (train / held-out) | STEM flip | embedding flip |", "|---|---|---|---|"]
-    for a, (country, _) in enumerate(FACTS):
+    for a, (country, _) in enumerate(ev["facts"]):
         stem, wte = [(ev["answers"][w][a] == cap[:, None])[off[a]].mean() for w in ("stem", "wte")]  # [b, template]
         lines.append(f"| {country} | {ev['before'][a, ~held].mean():.0%} / {ev['before'][a, held].mean():.0%} | "
                      f"{stem:.0%} | {wte:.0%} |")
@@ -268,61 +334,111 @@ def run_train(args, extra=()):
     return time.time() - t0
 
 
-def train_model(opts):
-    """Write the corpus, tokenize it with prepare.py, train the STEM model with train.py; returns seconds."""
-    text_dir = os.path.join(opts.data_dir, opts.name + "_text")
-    n = write_corpus(text_dir, opts.repeats)
-    print(f"corpus: {len(FACTS)} countries x {len(TRAIN_TEMPLATES)} templates, {n:,} sentences in {text_dir}")
-    prepare(input_path=text_dir, name=opts.name, out_root=opts.data_dir)
-    args = dict(EXPERIMENT_TRAIN_ARGS, out_dir=opts.out_dir, data_dir=opts.data_dir, dataset=opts.name, ffn="stem")
-    return run_train(args, shlex.split(opts.train_args))
+def extra_train_args(opts):
+    """train_args as a list, and the n_layer the models get. --stem_layers and --seed there are refused:
+    --layers and --seeds say them, and the output folders are named after those."""
+    extra = shlex.split(opts.train_args)
+    keys = {a[2:].partition("=")[0]: a.partition("=")[2] for a in extra if a.startswith("--")}
+    for key, instead in (("stem_layers", "--layers=default|all|both"), ("seed", "--seeds=S1,S2"),
+                         ("out_dir", "--out_dir"), ("dataset", "--name")):
+        if key in keys:
+            raise EditError(f"train_args sets --{key}; give {instead} to edit_experiment.py instead")
+    try:
+        n_layer = int(keys.get("n_layer", EXPERIMENT_TRAIN_ARGS["n_layer"]))
+    except ValueError:
+        raise EditError(f"train_args: --n_layer must be an int, got {keys['n_layer']!r}") from None
+    return extra, n_layer
+
+
+def write_data(opts, facts):
+    """Write the corpus and tokenize it with prepare.py; returns the dataset's name."""
+    dataset = opts.name if len(facts) == len(FACTS) else f"{opts.name}_{len(facts)}facts"
+    text_dir = os.path.join(opts.data_dir, dataset + "_text")
+    n = write_corpus(text_dir, opts.repeats, facts)
+    print(f"corpus: {len(facts)} countries x {len(TRAIN_TEMPLATES)} templates, {n:,} sentences in {text_dir}")
+    prepare(input_path=text_dir, name=dataset, out_root=opts.data_dir)
+    return dataset
+
+
+def parse_seeds(text):
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds:
+        raise ConfigError(f"seeds must be integers separated by commas, e.g. --seeds=1337,1338, got {text!r}")
+    return seeds
 
 
 def experiment(opts):
     t_start = time.time()
     enc = load_tokenizer()
-    fact_tokens(enc)
-    ckpt_path = os.path.join(opts.out_dir, "ckpt.pt")
-    reused = opts.reuse and os.path.exists(ckpt_path)
-    train_s = None if reused else train_model(opts)
+    facts = FACTS[:opts.n_facts]
+    fact_tokens(enc, facts)
+    extra, n_layer = extra_train_args(opts)
+    settings_ = ["default", "all"] if opts.layers == "both" else [opts.layers]
+    dataset, runs = None, []
+    for setting in settings_:
+        for seed in parse_seeds(opts.seeds):
+            run_dir = os.path.join(opts.out_dir, f"{setting}_s{seed}")
+            ckpt_path = os.path.join(run_dir, "ckpt.pt")
+            train_s = None
+            if not (opts.reuse and os.path.exists(ckpt_path)):
+                dataset = dataset or write_data(opts, facts)
+                args = dict(EXPERIMENT_TRAIN_ARGS, out_dir=run_dir, data_dir=opts.data_dir, dataset=dataset,
+                            ffn="stem", seed=seed)
+                if setting == "all":
+                    args["stem_layers"] = str(list(range(n_layer))).replace(" ", "")
+                train_s = run_train(args, extra)
+            runs.append(evaluate_run(opts, enc, facts, setting, seed, ckpt_path, train_s))
+    print(f"\n## {len(facts)} countries, readout {opts.readout}, flip rate: after A->B the answer is B's capital\n")
+    print(comparison_table(runs))
+    print(f"\ntime: total {time.time() - t_start:.0f}s")
+    write_json(opts.json, {"runs": runs, "facts": facts, "readout": opts.readout})
+
+
+def evaluate_run(opts, enc, facts, setting, seed, ckpt_path, train_s):
     model, ckpt = load_model(ckpt_path)
     t_eval = time.time()
-    ev = evaluate_edits(model, enc, opts.edit_mode)
+    ev = evaluate_edits(model, enc, facts, opts.edit_mode, opts.readout)
     eval_s = time.time() - t_eval
     rows = summarize(ev)
     c = model.config
-    print(f"\nmodel: {ckpt_path}, ffn {c.ffn}, {c.n_layer} layers, n_embd {c.n_embd}, d_ff {c.d_ff}, stem_layers "
-          f"{c.stem_layers}, {ckpt['iter_num']} steps, val loss {ckpt['best_val_loss']:.4f}; {len(FACTS)} countries, "
-          f"edit_mode {opts.edit_mode}. Flip rate: after A->B the argmax next token is B's capital.\n")
+    print(f"\n### {ckpt_path}: ffn {c.ffn}, {c.n_layer} layers, n_embd {c.n_embd}, d_ff {c.d_ff}, stem_layers "
+          f"{c.stem_layers}, {ckpt['iter_num']} steps, val loss {ckpt['best_val_loss']:.4f}; {len(facts)} countries, "
+          f"edit_mode {opts.edit_mode}, readout {opts.readout}\n")
     print(markdown_table(rows))
     if opts.per_source:
         print("\n" + per_source_table(ev))
     print()
-    demo(model, enc, "Spain", "Germany")  # the paper's example
-    print(f"\ntime: train {'(reused)' if train_s is None else f'{train_s:.0f}s'}, evaluation {eval_s:.1f}s, "
-          f"total {time.time() - t_start:.0f}s")
-    write_json(opts.json, {
-        "rows": rows, "templates": ev["templates"], "held_out": ev["held_out"].tolist(), "facts": FACTS,
-        "accuracy_before": ev["before"].tolist(), "answers": {w: a.tolist() for w, a in ev["answers"].items()},
-        "p_target": {w: a.round(5).tolist() for w, a in ev["p_target"].items()},
-        "model_args": ckpt["model_args"], "train_s": train_s, "eval_s": eval_s})
+    if {"Spain", "Germany"} <= {c for c, _ in facts}:
+        demo(model, enc, "Spain", "Germany")  # the paper's example
+    print(f"time: train {'(reused)' if train_s is None else f'{train_s:.0f}s'}, evaluation {eval_s:.1f}s")
+    return {"layers": setting, "seed": seed, "ckpt": ckpt_path, "n_layer": c.n_layer, "stem_layers": c.stem_layers,
+            "rows": rows, "templates": ev["templates"], "held_out": ev["held_out"].tolist(),
+            "accuracy_before": ev["before"].tolist(), "answers": {w: a.tolist() for w, a in ev["answers"].items()},
+            "p_target": {w: a.round(5).tolist() for w, a in ev["p_target"].items()},
+            "model_args": ckpt["model_args"], "val_loss": ckpt["best_val_loss"], "train_s": train_s, "eval_s": eval_s}
 
 
 def write_json(path, results):
+    """Write results to path through a temporary file: an interrupted run leaves the old file whole."""
     if path:
-        with open(path, "w") as f:
+        with open(path + ".tmp", "w") as f:
             jsonlib.dump(results, f)
+        os.replace(path + ".tmp", path)
         print(f"wrote {path}")
 
 
 @torch.no_grad()
 def demo(model, enc, source, target):
-    """Greedy continuations with and without an edit, through GPT.generate and its KV cache."""
-    ids = torch.tensor([enc.encode_ordinary(f"\nThe capital of {source} is")])
+    """What `sample.py --start="The capital of Spain is" --edit=Spain->Germany --temperature=0` prints: greedy
+    continuations with and without the edit, through GPT.generate and its KV cache."""
+    ids = torch.tensor([enc.encode_ordinary(f"The capital of {source} is")])
     rows = EditedRows(table_rows(model.stem_table), make_edits([f"{source}->{target}"], enc), "one_to_one",
                       prompt_len=ids.size(1))
     plain, edited = model.generate(ids, 4, temperature=0), model.generate(ids, 4, temperature=0, stem_rows_fn=rows)
-    show = lambda out: repr(enc.decode(out[0, ids.size(1):].tolist()))
+    show = lambda out: repr(enc.decode(out[0, ids.size(1):].tolist()))  # noqa: E731
     print(f"'The capital of {source} is' -> {show(plain)};  with {source}->{target}: {show(edited)}")
 
 
@@ -346,9 +462,9 @@ def cosine_stats(vectors, labels=None):
             "abs_mean": a.mean().item(), "abs_std": a.std().item(), "abs_p50": aq[1], "abs_p95": aq[2]}
 
 
-def frequent_tokens(path, top):
-    data = np.memmap(path, dtype=np.uint16, mode="r")
-    counts = np.bincount(data, minlength=65536)
+def frequent_tokens(folder, top):
+    """The top most frequent token ids of folder's train split, most frequent first."""
+    counts = np.bincount(read_tokens(folder, "train"))
     order = np.argsort(-counts, kind="stable")
     order = order[counts[order] > 0][:top]
     return torch.from_numpy(order.astype(np.int64))
@@ -435,8 +551,8 @@ def spread(opts):
     if swiglu.config.ffn != "swiglu":
         raise EditError(f"{opts.swiglu_ckpt} is not a SwiGLU model (ffn={swiglu.config.ffn!r})")
     data = os.path.join(stem_ckpt["config"]["data_dir"], stem_ckpt["config"]["dataset"])  # the STEM model's data
-    tokens = frequent_tokens(os.path.join(data, "train.bin"), opts.top)
-    text = np.memmap(os.path.join(data, opts.split + ".bin"), dtype=np.uint16, mode="r")[:opts.max_tokens]
+    tokens = frequent_tokens(data, opts.top)
+    text = read_tokens(data, opts.split)[:opts.max_tokens]
     rows = []
     c = stem.config
     for slot, layer in enumerate(c.stem_layers):
@@ -471,6 +587,9 @@ def settings(argv=None):
     for key, choices in CHOICES.items():
         if s[key] not in choices:
             raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {s[key]!r}")
+    if not 2 <= s["n_facts"] <= len(FACTS):
+        raise ConfigError(f"n_facts must be between 2 and {len(FACTS)} (the countries in FACTS), got {s['n_facts']}")
+    parse_seeds(s["seeds"])
     return SimpleNamespace(**s)
 
 

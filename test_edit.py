@@ -31,6 +31,7 @@ def tiny(ffn="stem", seed=0):
     torch.manual_seed(seed)
     config = GPTConfig(vocab_size=50304, block_size=64, n_layer=3, n_head=2, n_embd=16, d_ff=32, ffn=ffn)
     model = GPT(config).eval()
+    torch.manual_seed(seed)  # the weights below do not depend on how much randomness GPT's own init drew
     # unit-scale weights instead of GPT-2's small init (and xavier over 50304 rows, tinier still): an
     # untrained model then depends on its STEM rows enough for an edit to change the argmax tokens
     with torch.no_grad():
@@ -275,7 +276,7 @@ def run_experiment_script(*args, cwd):
 
 
 def test_experiment_unknown_key_and_wrong_type(tmp_path):
-    for args, message in ((["--bogus=1"], "unknown key --bogus; valid keys: what, json, out_dir"),
+    for args, message in ((["--bogus=1"], "unknown key --bogus; valid keys: what, json, layers, seeds, out_dir"),
                           (["--top=abc"], "top must be an int, got 'abc'"),
                           (["--reuse=yes"], "reuse must be True or False"),
                           (["--what=sprad"], "what must be one of experiment, spread"),
