@@ -44,6 +44,22 @@ def load_model(path):
     return model.eval(), ckpt
 
 
+def load_for_inference(path, device, stem_offload=False):
+    """(the GPT in path on device, in eval mode; the whole checkpoint; stem_rows_fn or None), for programs that
+    only run the model (sample.py, eval.py). stem_offload leaves the STEM table in host memory, and the
+    stem_rows_fn returned (stem_offload.HostRowFetcher) brings each forward pass's rows to the device; pass it
+    as generate(stem_rows_fn=...), or as model(x, stem_rows=rows_fn(x, 0))."""
+    model, ckpt = load_model(path)
+    if stem_offload and model.stem_table is None:
+        raise ConfigError(f"--stem_offload: the model in {path} has no STEM table (ffn={model.config.ffn})")
+    model.stem_table_on_host = stem_offload  # .to(device) then leaves the table in host memory
+    model = model.to(device)
+    if not stem_offload:
+        return model, ckpt, None
+    from stem_offload import HostRowFetcher  # here: only offloading programs need its thread pool
+    return model, ckpt, HostRowFetcher(model.stem_table, device)
+
+
 def adopt_settings(cfg, ckpt, defaults, model_keys, keep):
     """init_from=resume: settings not given again on the command line come from the checkpoint, except those in
     keep (the machine's). What the saved state cannot change (the model, the table's optimizer) must match."""

@@ -1,0 +1,367 @@
+"""
+Score a checkpoint the way the STEM paper states its claims (out_dir/ckpt.pt from train.py: STEM, SwiGLU, MoE):
+
+    python eval.py --out_dir=out                                   # bpb, loss by position, passkey
+    python eval.py --out_dir=out --mc=arc_easy.parquet,obqa.jsonl --limit=500 --parts=bpb
+
+bpb       bits per UTF-8 byte on the dataset's val split: the cross-entropy in bits over the bytes the scored
+          tokens decode to, so models with other tokenizers or vocab sizes compare (nanochat's measure).
+          Targets that decode to no text (<|endoftext|>, padding ids) are not scored.
+position  the same val windows: mean loss by position bucket, and the distinct tokens seen so far (a STEM
+          model reads one table row per distinct token: its active parameters grow with the context).
+passkey   a random number hidden at a depth of val-split filler, asked for at the end; greedy decoding with
+          the KV cache; accuracy by length (tokens, prompt and answer) and depth (share of filler before it).
+mc        multiple-choice task files (--mc), .jsonl or .parquet in their Hugging Face export format, told apart
+          by their fields: HellaSwag, ARC, OpenBookQA, PIQA; scored as lm-evaluation-harness scores them.
+
+Writes out_dir/eval.json and prints a table. Settings work as in train.py (configurator.py): --key=value, --help.
+"""
+
+import json
+import math
+import os
+
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch: huge pages for the [B, T, vocab] logits (CPU)
+import re
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import checkpoint
+import configurator
+import prepare
+from configurator import ConfigError
+
+# ----------------------------------------------------------------------------------------------------------
+out_dir = "out"  # reads out_dir/ckpt.pt, writes out_dir/eval.json
+data_dir = ""  # the val split and meta.json (which names the tokenizer) are in data_dir/dataset; "": the checkpoint's
+dataset = ""  # "": the checkpoint's
+parts = "bpb,position,passkey"  # which of these to run (comma separated); the mc part runs when --mc names files
+max_tokens = 0  # bpb and position: score the first this many val tokens; 0: all of them
+batch_size = 8  # sequences per forward pass
+mc = ""  # multiple-choice task files, comma separated; each is keyed in eval.json by its name without extension
+limit = 0  # mc: score the first this many items of each file; 0: all
+position_bucket = 0  # position: bucket width in tokens; 0: block_size / 8
+passkey_lengths = ""  # passkey: lengths in tokens, comma separated; "": 64, 128, 256, ... up to block_size
+passkey_depths = "0,0.25,0.5,0.75,1"  # passkey: share of the filler that comes before the number
+passkey_trials = 10  # passkey: prompts per (length, depth), each with its own number and filler
+passkey_digits = 5  # passkey: digits of the number
+seed = 1337  # passkey: the numbers and where the filler is taken from
+device = "cuda" if torch.cuda.is_available() else "cpu"  # "cpu", "cuda", "cuda:1", ...
+dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+stem_offload = False  # leave the STEM table in host memory and fetch the rows each batch reads (stem_offload.py)
+# ----------------------------------------------------------------------------------------------------------
+PARTS = ("bpb", "position", "passkey")
+NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = " What is the pass key? The pass key is"
+# a task file's format, told by the fields of its items (the Hugging Face exports of each task)
+FORMATS = {"hellaswag": ("activity_label", "ctx_a", "ctx_b", "endings", "label"),
+           "arc": ("question", "choices", "answerKey"), "openbookqa": ("question_stem", "choices", "answerKey"),
+           "piqa": ("goal", "sol1", "sol2", "label")}
+
+
+def split_list(text, kind, key):
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{key} must be comma separated {kind.__name__}s, got {text!r}") from None
+
+
+def validate(cfg):
+    configurator.check_device(cfg.device)
+    cfg.parts = split_list(cfg.parts, str, "parts")
+    cfg.mc, cfg.passkey_depths = split_list(cfg.mc, str, "mc"), split_list(cfg.passkey_depths, float, "passkey_depths")
+    cfg.passkey_lengths = split_list(cfg.passkey_lengths, int, "passkey_lengths")
+    if set(cfg.parts) - set(PARTS) or not (cfg.parts or cfg.mc):
+        raise ConfigError(f"parts must name some of {', '.join(PARTS)} (or give --mc files), got {cfg.parts}")
+    if min(cfg.batch_size, cfg.passkey_trials, cfg.passkey_digits) < 1 or min(cfg.max_tokens, cfg.limit) < 0:
+        raise ConfigError("batch_size, passkey_trials and passkey_digits must be at least 1; max_tokens, limit 0 or more")
+    if not all(0 <= d <= 1 for d in cfg.passkey_depths):
+        raise ConfigError(f"passkey_depths are shares of the filler, between 0 and 1, got {cfg.passkey_depths}")
+    names = [os.path.splitext(os.path.basename(p))[0] for p in cfg.mc]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"--mc: results are keyed by file name and two files are named alike ({names}): "
+                          f"copy them to distinct names, e.g. arc_easy.parquet and arc_challenge.parquet")
+
+
+def tokenizer_of(folder, ckpt_path):
+    """The tokenizer the checkpoint's data was prepared with, named by the dataset's meta.json."""
+    meta = os.path.join(folder, "meta.json")
+    if not os.path.exists(meta):
+        raise ConfigError(f"cannot find the tokenizer of {ckpt_path}: no {meta}; point --data_dir and --dataset at "
+                          f"the data it was trained on (prepared by prepare.py)")
+    name = json.load(open(meta)).get("tokenizer")
+    if name != "gpt2":
+        raise ConfigError(f"{meta} names the tokenizer {name!r}: eval.py knows only gpt2 (prepare.load_tokenizer)")
+    return prepare.load_tokenizer()
+
+
+def token_bytes(enc, vocab_size):
+    """UTF-8 bytes each id decodes to; 0 for special tokens and the vocabulary's padding ids (not text)."""
+    out = np.zeros(vocab_size, dtype=np.int64)
+    for t in range(min(enc.n_vocab, vocab_size)):
+        out[t] = len(enc.decode_single_token_bytes(t))
+    for s in enc.special_tokens_set:
+        out[enc.encode_single_token(s)] = 0
+    return out
+
+
+def nats(cfg, model, rows_fn, x, y):
+    """The cross-entropy of each target y [B, T] given x [B, T] (host tensors), in nats; 0 where y is -1."""
+    x, y = x.to(cfg.device), y.to(cfg.device)
+    with torch.no_grad(), cfg.autocast:
+        logits = model(x, stem_rows=rows_fn(x, 0) if rows_fn else None)[0]
+    return F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=-1, reduction="none").cpu()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bpb and position: one pass over the val split in back-to-back windows, every target scored once
+
+def val_pass(cfg, model, rows_fn, data, nbytes):
+    bs = model.config.block_size
+    n = len(data) - 1 if cfg.max_tokens == 0 else min(cfg.max_tokens, len(data) - 1)  # targets data[1..n]
+    starts = list(range(0, n, bs))
+    pos_nats, pos_count, seen, seen_count = (np.zeros(bs) for _ in range(4))
+    total_nats = total_bytes = total_tokens = 0
+    for i in tqdm(range(0, len(starts), cfg.batch_size), desc="bpb", unit="batch", leave=False):
+        x = torch.zeros(len(starts[i:i + cfg.batch_size]), bs, dtype=torch.long)
+        y = torch.full_like(x, -1)  # the last window may be short: the rest of its row is not scored
+        for r, s in enumerate(starts[i:i + cfg.batch_size]):
+            w = torch.from_numpy(data[s:min(s + bs, n) + 1].astype(np.int64))
+            x[r, :len(w) - 1], y[r, :len(w) - 1] = w[:-1], w[1:]
+            new = np.zeros(len(w) - 1)
+            new[np.unique(w[:-1].numpy(), return_index=True)[1]] = 1  # a token's first position in the window
+            seen[:len(w) - 1] += np.cumsum(new)
+            seen_count[:len(w) - 1] += 1
+        b = nbytes[y.clamp(min=0).numpy()] * (y >= 0).numpy()
+        y[torch.from_numpy(b == 0)] = -1  # text only
+        loss = nats(cfg, model, rows_fn, x, y).double().numpy()
+        total_nats, total_bytes, total_tokens = total_nats + loss.sum(), total_bytes + b.sum(), total_tokens + (b > 0).sum()
+        pos_nats, pos_count = pos_nats + loss.sum(0), pos_count + (b > 0).sum(0)
+    if total_bytes == 0:
+        raise ConfigError("the val tokens scored decode to no text: raise max_tokens, or check the data")
+    width = cfg.position_bucket or max(1, bs // 8)
+    row = model.stem_table.size(1) if model.stem_table is not None else 0  # parameters in one token's rows
+    position = [dict(start=a, end=min(a + width, bs) - 1,
+                     loss=float(pos_nats[a:a + width].sum() / max(1, pos_count[a:a + width].sum())),
+                     distinct_tokens=float(seen[e] / seen_count[e]), stem_params=int(round(seen[e] / seen_count[e] * row)))
+                for a in range(0, bs, width) for e in [min(a + width, bs) - 1] if seen_count[e]]
+    return dict(bpb=float(total_nats / math.log(2) / total_bytes), val_tokens=int(total_tokens),
+                val_bytes=int(total_bytes), val_loss=float(total_nats / total_tokens)), position
+
+
+# ----------------------------------------------------------------------------------------------------------
+# multiple choice, as lm-evaluation-harness: "context" + " " + choice, the choice's summed log-probabilities
+
+def read_items(path):
+    try:
+        if path.endswith(".jsonl"):
+            with open(path, encoding="utf-8") as f:
+                return [json.loads(line) for line in f if line.strip()]
+        if path.endswith(".parquet"):
+            import pyarrow.parquet as pq  # here: only parquet files need it
+            return pq.read_table(path).to_pylist()
+    except (OSError, ValueError, ImportError) as e:
+        raise ConfigError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    raise ConfigError(f"{path}: task files must be .jsonl or .parquet (a Hugging Face export of the task)")
+
+
+def task_format(path, item):
+    for name, fields in FORMATS.items():
+        if isinstance(item, dict) and all(f in item for f in fields) and (name != "arc" or isinstance(item["question"], str)):
+            return name
+    known = "; ".join(f"{n}: {', '.join(fs)}" for n, fs in FORMATS.items())
+    got = f"the fields {', '.join(sorted(item))}" if isinstance(item, dict) else f"a {type(item).__name__}"
+    raise ConfigError(f"{path} is in no known format (its items have {got}); expected the fields of {known} "
+                      f"(ARC's question is text)")
+
+
+def hellaswag_text(text):
+    """lm-evaluation-harness's HellaSwag preprocessing (the brackets are WikiHow artifacts)."""
+    text = re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". "))
+    return text.replace("  ", " ")
+
+
+def request(fmt, item):
+    """(context, choices, gold index or None) of one item."""
+    if fmt == "hellaswag":
+        ctx = hellaswag_text(f"{item['activity_label']}: {item['ctx_a']} {item['ctx_b'].capitalize()}")
+        label = item["label"]
+        return ctx, [hellaswag_text(e) for e in item["endings"]], int(label) if str(label).strip().isdigit() else None
+    if fmt == "piqa":
+        return f"Question: {item['goal']}\nAnswer:", [item["sol1"], item["sol2"]], item["label"]
+    labels, key = item["choices"]["label"], str(item["answerKey"]).lstrip()
+    ctx = item["question_stem"] if fmt == "openbookqa" else f"Question: {item['question']}\nAnswer:"
+    return ctx, item["choices"]["text"], labels.index(key) if key in labels else None
+
+
+def choice_scores(cfg, model, rows_fn, enc, pairs, desc):
+    """Sum of the log-probabilities of each choice's tokens after its context, for [(context, choice)]. Context
+    and choice are tokenized apart; contexts are cut from the left to fit block_size, never the choice."""
+    bs, seqs = model.config.block_size, []
+    for ctx, choice in pairs:
+        c = enc.encode_ordinary(" " + choice)
+        if len(c) > bs:
+            raise ConfigError(f"{desc}: a choice of {len(c)} tokens does not fit block_size {bs}")
+        seqs.append(((enc.encode_ordinary(ctx) or [prepare.EOT]) + c)[-(bs + 1):] + [len(c)])
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # like lengths together: less padding
+    scores = [0.0] * len(seqs)
+    for i in tqdm(range(0, len(order), cfg.batch_size), desc=desc, unit="batch"):
+        batch = order[i:i + cfg.batch_size]
+        x = torch.zeros(len(batch), len(seqs[batch[0]]) - 2, dtype=torch.long)
+        y = torch.full_like(x, -1)  # only the choice's tokens are scored
+        for r, j in enumerate(batch):
+            toks, k = seqs[j][:-1], seqs[j][-1]
+            x[r, :len(toks) - 1] = torch.tensor(toks[:-1])
+            y[r, len(toks) - 1 - k:len(toks) - 1] = torch.tensor(toks[-k:])
+        for r, total in enumerate(nats(cfg, model, rows_fn, x, y).double().sum(1).tolist()):
+            scores[batch[r]] = -total
+    return scores
+
+
+def mean_stderr(xs):  # lm-evaluation-harness's: the sample standard deviation over sqrt(n)
+    m = sum(xs) / len(xs)
+    return m, math.sqrt(sum((v - m) ** 2 for v in xs) / (len(xs) - 1) / len(xs)) if len(xs) > 1 else None
+
+
+def run_task(cfg, model, rows_fn, enc, path):
+    items = read_items(path)
+    items = items[:cfg.limit] if cfg.limit else items
+    if not items:
+        raise ConfigError(f"{path} holds no items")
+    fmt, reqs = task_format(path, items[0]), []
+    for i, item in enumerate(items):
+        ctx, choices, gold = request(task_format(path, item), item)
+        if gold not in range(len(choices)) or type(gold) is not int:
+            raise ConfigError(f"{path}: item {i} has no gold answer among its {len(choices)} choices (label or "
+                              f"answerKey {item.get('label', item.get('answerKey'))!r}); test splits hide theirs: "
+                              f"use the validation split")
+        reqs.append((ctx, choices, gold))
+    name = os.path.splitext(os.path.basename(path))[0]
+    scores = iter(choice_scores(cfg, model, rows_fn, enc, [(c, ch) for c, chs, _ in reqs for ch in chs], name))
+    acc, acc_norm = [], []
+    for ctx, choices, gold in reqs:
+        s = [next(scores) for _ in choices]
+        acc.append(float(max(range(len(s)), key=lambda j: s[j]) == gold))  # the first of equal scores, as argmax
+        acc_norm.append(float(max(range(len(s)), key=lambda j: s[j] / max(1, len(choices[j]))) == gold))
+    (a, a_se), (an, an_se) = mean_stderr(acc), mean_stderr(acc_norm)
+    return name, dict(format=fmt, n=len(reqs), acc=a, acc_stderr=a_se, acc_norm=an, acc_norm_stderr=an_se,
+                      chance=sum(1 / len(c) for _, c, _ in reqs) / len(reqs))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# passkey retrieval
+
+def passkey_prompt(enc, filler, rng, length, depth, digits):
+    """(prompt ids, answer ids) for one trial: filler tokens, the needle after `depth` of them, the question;
+    the prompt is length - digits tokens, which leaves room for any answer of that many digits."""
+    key = str(rng.integers(10 ** (digits - 1), 10 ** digits))
+    needle, question = enc.encode_ordinary(NEEDLE.format(key=key)), enc.encode_ordinary(QUESTION)
+    n = length - digits - len(needle) - len(question)  # filler tokens
+    if n < 0 or n >= len(filler):
+        raise ConfigError(f"passkey length {length} leaves {n} tokens of filler (the val split has {len(filler)}): "
+                          f"use lengths from {length - n} tokens up, within the val split")
+    start = int(rng.integers(0, len(filler) - n))
+    text, cut = filler[start:start + n].tolist(), round(depth * n)
+    return text[:cut] + needle + text[cut:] + question, enc.encode_ordinary(" " + key)
+
+
+def passkey(cfg, model, rows_fn, enc, filler):
+    bs = model.config.block_size
+    lengths = cfg.passkey_lengths or sorted({min(64 << k, bs) for k in range(max(1, bs.bit_length()))})
+    if max(lengths) > bs:
+        raise ConfigError(f"passkey_lengths {lengths}: the model's context is {bs} tokens; use lengths up to {bs}")
+    cells = []
+    for length in lengths:
+        for depth in cfg.passkey_depths:
+            rng = np.random.default_rng([cfg.seed, length, round(depth * 1e6)])  # a cell's trials: its own seed
+            trials = [passkey_prompt(enc, filler, rng, length, depth, cfg.passkey_digits)
+                      for _ in range(cfg.passkey_trials)]
+            hits = 0
+            for i in range(0, len(trials), cfg.batch_size):
+                chunk = trials[i:i + cfg.batch_size]
+                x = torch.tensor([p for p, _ in chunk], device=cfg.device)
+                with torch.no_grad(), cfg.autocast:
+                    out = model.generate(x, max(len(a) for _, a in chunk), temperature=0, stem_rows_fn=rows_fn)
+                hits += sum(out[r, x.size(1):x.size(1) + len(a)].tolist() == a for r, (_, a) in enumerate(chunk))
+            cells.append(dict(length=length, depth=depth, acc=hits / len(trials)))
+    return dict(digits=cfg.passkey_digits, trials=cfg.passkey_trials, acc=sum(c["acc"] for c in cells) / len(cells),
+                cells=cells)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def table(res):
+    m = res["model"]
+    lines = [f"{res['checkpoint']}: {m['ffn']}, {m['n_layer']} layers x {m['n_embd']}, step {m['iter_num']}; "
+             f"val split of {res['data']}"]
+    if "bpb" in res:
+        lines.append(f"bpb       {res['bpb']:.4f}   ({res['val_tokens']:,} tokens, {res['val_bytes']:,} bytes, "
+                     f"{res['val_bytes'] / res['val_tokens']:.2f} bytes/token, loss {res['val_loss']:.4f} nats/token)")
+    if "position" in res:
+        lines.append("position  tokens     loss   distinct tokens   STEM params read")
+        lines += [f"          {p['start']:>4}-{p['end']:<5} {p['loss']:.3f}  {p['distinct_tokens']:>15.1f}   "
+                  f"{p['stem_params']:>16,}" for p in res["position"]]
+    for name, t in res.get("mc", {}).items():
+        se = lambda v: "" if v is None else f" ± {v:.3f}"
+        lines.append(f"mc        {name}: n {t['n']}, acc {t['acc']:.3f}{se(t['acc_stderr'])}, acc_norm "
+                     f"{t['acc_norm']:.3f}{se(t['acc_norm_stderr'])} (chance {t['chance']:.3f}; {t['format']})")
+    if "passkey" in res:
+        pk, depths = res["passkey"], sorted({c["depth"] for c in res["passkey"]["cells"]})
+        lines.append(f"passkey   {pk['digits']} digits, {pk['trials']} trials a cell, accuracy {pk['acc']:.3f}; "
+                     f"length \\ depth " + " ".join(f"{d:>5g}" for d in depths))
+        for length in sorted({c["length"] for c in pk["cells"]}):
+            accs = {c["depth"]: c["acc"] for c in pk["cells"] if c["length"] == length}
+            lines.append(f"          {length:>6} " + " ".join(f"{accs[d]:5.2f}" for d in depths))
+    return "\n".join(lines)
+
+
+def write_json(path, obj):
+    with open(path + ".tmp", "w") as f:  # temp name, then rename: a kill leaves the old file or the new one
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def main(argv):
+    cfg = configurator.configure(globals(), argv, choices={"dtype": ("float32", "bfloat16", "float16")})
+    validate(cfg)
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    model, ckpt, rows_fn = checkpoint.load_for_inference(path, cfg.device, cfg.stem_offload)
+    saved = ckpt.get("config", {})
+    folder = os.path.join(cfg.data_dir or saved.get("data_dir", "data"), cfg.dataset or saved.get("dataset", ""))
+    enc = tokenizer_of(folder, path)
+    cfg.autocast = nullcontext() if cfg.dtype == "float32" else torch.autocast(torch.device(cfg.device).type,
+                                                                               getattr(torch, cfg.dtype))
+    res = dict(checkpoint=path, data=folder, model=dict(ffn=model.config.ffn, n_layer=model.config.n_layer,
+               n_embd=model.config.n_embd, block_size=model.config.block_size, iter_num=ckpt.get("iter_num"),
+               params=model.num_params()), seconds={})
+    ckpt = None  # let the checkpoint's optimizer state go
+    if cfg.parts and not os.path.exists(os.path.join(folder, "val.bin")):
+        raise ConfigError(f"no val split at {folder}/val.bin: run prepare.py, or set --data_dir/--dataset")
+    data = prepare.read_tokens(folder, "val") if cfg.parts else None
+    t0 = time.time()
+    if "bpb" in cfg.parts or "position" in cfg.parts:
+        bpb, position = val_pass(cfg, model, rows_fn, data, token_bytes(enc, model.config.vocab_size))
+        if "bpb" in cfg.parts:
+            res.update(bpb)
+        if "position" in cfg.parts:
+            res["position"] = position
+        res["seconds"]["bpb_position"], t0 = time.time() - t0, time.time()
+    if cfg.mc:
+        res["mc"] = dict(run_task(cfg, model, rows_fn, enc, p) for p in cfg.mc)
+        res["seconds"]["mc"], t0 = time.time() - t0, time.time()
+    if "passkey" in cfg.parts:
+        res["passkey"] = passkey(cfg, model, rows_fn, enc, data)
+        res["seconds"]["passkey"] = time.time() - t0
+    write_json(os.path.join(cfg.out_dir, "eval.json"), res)
+    print(table(res) + f"\nwrote {os.path.join(cfg.out_dir, 'eval.json')}")
+    return res
+
+
+if __name__ == "__main__":
+    configurator.run_main(lambda: main(sys.argv[1:]), "eval.py")
