@@ -431,7 +431,7 @@ def split_one(name, text, val_fraction):
     """The one-document rule: [(name, text, is_val)] for its train and val parts, and the rule's description."""
     cut = split_point(text, 1.0 - val_fraction)
     parts = [(f"{name}[:{cut}]", text[:cut], False), (f"{name}[{cut}:]", text[cut:], True)]
-    for part_name, part, is_val in parts:
+    for _, part, is_val in parts:
         if not part.strip():
             raise PrepareError(f"the {'val' if is_val else 'train'} split is empty (1 document, --val_fraction="
                                f"{val_fraction}); give more text or change --val_fraction")
@@ -650,6 +650,39 @@ class Output:
 
 # -----------------------------------------------------------------------------
 
+def tokenize_documents(files, input_path, text_key, k, batch_chars, pool, out, stats):
+    """The streaming pass over every document; returns the split rule, or None when there was just one document
+    (the caller cuts it by characters instead)."""
+    docs = assign_splits(documents(files, text_key, batch_chars, out.bar.update), k, stats)
+    pool.run(batches(docs, batch_chars, stats), out)
+    if stats.documents == 0:
+        where = input_path if input_path is not None else "the Shakespeare corpus"
+        raise PrepareError(f"empty corpus: no text in {where}; pass non-empty UTF-8 .txt, .jsonl, .jsonl.gz or "
+                           ".parquet files")
+    if stats.documents == 1:
+        return None
+    if stats.docs[1] == 0:  # fewer than k documents: the last one goes to val
+        out.last_train_doc_to_val()
+        stats.docs = [stats.docs[0] - 1, 1]
+        stats.chars = [stats.chars[0] - stats.last_chars, stats.last_chars]
+        if stats.names is not None:
+            stats.names = (stats.names[0][:-1], stats.names[0][-1:])
+    order = "sorted by file name" if all(kind == ".txt" for _, _, kind in files) else \
+        "in input order (files sorted by path, lines and rows in file order)"
+    return (f"whole documents: {order}, every k-th with k=round(1/val_fraction)={k} "
+            f"(positions {k - 1}, {2 * k - 1}, ...; the last one if there are fewer) goes to val")
+
+
+def tokenize_one(name, text, val_fraction, batch_chars, pool, out, stats):
+    """The one-document rule: its last ~val_fraction of characters to val (replacing anything written so far)."""
+    parts, rule = split_one(name, text, val_fraction)
+    out.reset()
+    stats.chars = [0, 0]
+    pool.run(batches((((t,), is_val) for _, t, is_val in parts), batch_chars, stats), out)
+    stats.docs, stats.names = [1, 1], ([parts[0][0]], [parts[1][0]])
+    return rule
+
+
 def prepare(input_path=None, name=None, out_root="data", val_fraction=0.1, text_key="text", workers=0,
             batch_chars=1_000_000, tokenizer="gpt2", tokenizer_pattern="cl100k", eot_token=None, progress=True):
     """Tokenize a corpus into out_root/<name>/{train.bin,val.bin,meta.json}; returns meta. tokenizer: "gpt2", a
@@ -685,41 +718,17 @@ def prepare(input_path=None, name=None, out_root="data", val_fraction=0.1, text_
 
     stats = SimpleNamespace(documents=0, docs=[0, 0], chars=[0, 0], names=([], []), first=None, last_chars=0)
     pool = Pool(workers, enc, eot, dtype)
-    bar = tqdm(total=total, desc=f"tokenizing {name}", unit="B",
-               unit_scale=True, disable=not progress)
+    bar = tqdm(total=total, desc=f"tokenizing {name}", unit="B", unit_scale=True, disable=not progress)
     out = None
     try:
         out = Output(Path(out_root) / name, dtype, bar)
-        docs = None if one_file else assign_splits(documents(files, text_key, batch_chars, bar.update), k, stats)
-        if docs is not None:
-            pool.run(batches(docs, batch_chars, stats), out)
-            if stats.documents == 0:
-                where = input_path if input_path is not None else "the Shakespeare corpus"
-                raise PrepareError(f"empty corpus: no text in {where}; pass non-empty UTF-8 .txt, .jsonl, .jsonl.gz "
-                                   "or .parquet files")
-        if one_file or stats.documents == 1:  # the one-document rule: cut it by characters
-            doc_name, text = (files[0][1], read_text(files[0][0])) if one_file else \
-                (stats.first[0], stats.first[1]())
-            if one_file:
-                bar.update(files[0][0].stat().st_size)
+        rule = None if one_file else tokenize_documents(files, input_path, text_key, k, batch_chars, pool, out, stats)
+        if rule is None:  # one document: cut by characters
+            doc_name, text = (files[0][1], read_text(files[0][0])) if one_file else (stats.first[0], stats.first[1]())
+            bar.update(total if one_file else 0)
             if not text.strip():
                 raise PrepareError(f"empty corpus: no text in {input_path}; pass a non-empty UTF-8 .txt file")
-            parts, rule = split_one(doc_name, text, val_fraction)
-            out.reset()
-            stats.chars = [0, 0]
-            pool.run(batches((((t,), v) for _, t, v in parts), batch_chars, stats), out)
-            stats.docs, stats.names = [1, 1], ([parts[0][0]], [parts[1][0]])
-        else:
-            if stats.docs[1] == 0:  # fewer than k documents: the last one goes to val
-                out.last_train_doc_to_val()
-                stats.docs = [stats.docs[0] - 1, 1]
-                stats.chars = [stats.chars[0] - stats.last_chars, stats.last_chars]
-                if stats.names is not None:
-                    stats.names = (stats.names[0][:-1], stats.names[0][-1:])
-            order = "sorted by file name" if all(kind == ".txt" for _, _, kind in files) else \
-                "in input order (files sorted by path, lines and rows in file order)"
-            rule = (f"whole documents: {order}, every k-th with k=round(1/val_fraction)={k} "
-                    f"(positions {k - 1}, {2 * k - 1}, ...; the last one if there are fewer) goes to val")
+            rule = tokenize_one(doc_name, text, val_fraction, batch_chars, pool, out, stats)
         meta = {"name": name, "tokenizer": tokenizer_name}
         if isinstance(tokenizer, str) and tokenizer != "gpt2":
             meta["tokenizer_pattern"] = tokenizer_pattern

@@ -272,6 +272,18 @@ def test_order_kept_when_later_batches_finish_first(tmp_path):
     assert meta["n_train_tokens"] == len(train)
 
 
+def test_many_documents_are_counted_not_listed(tmp_path):
+    # meta.json stays small for a real corpus: past MAX_LISTED documents it holds counts, not names
+    texts = [f"document {i} \u00e9" for i in range(prep.MAX_LISTED + 205)]
+    write_jsonl(tmp_path / "many.jsonl", [{"text": t} for t in texts])
+    meta = prepare(str(tmp_path / "many.jsonl"), out_root=str(tmp_path / "out"), workers=1)
+    assert "train_documents" not in meta and "val_documents" not in meta
+    assert (meta["n_train_documents"], meta["n_val_documents"]) == (len(texts) - len(texts) // 10, len(texts) // 10)
+    train, val = expected_splits(texts, k=10)
+    assert np.array_equal(read_split(tmp_path / "out" / "many", "train"), train)
+    assert np.array_equal(read_split(tmp_path / "out" / "many", "val"), val)
+
+
 @pytest.mark.parametrize("pattern", ["r50k", "cl100k", "o200k"])
 def test_cut_points_keep_the_tokens_of_the_whole_text(pattern):
     # safe_cut's claim, for each split pattern, on text full of the cases that join pieces: whitespace runs,
