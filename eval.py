@@ -4,29 +4,23 @@ Score a checkpoint the way the STEM paper states its claims (out_dir/ckpt.pt fro
     python eval.py --out_dir=out                                   # bpb, loss by position, passkey
     python eval.py --out_dir=out --mc=arc_easy.parquet,obqa.jsonl --limit=500 --parts=bpb
 
-bpb       bits per UTF-8 byte on the dataset's val split: the cross-entropy in bits over the bytes the scored
-          tokens decode to, so models with other tokenizers or vocab sizes compare (nanochat's measure).
-          Targets that decode to no text (<|endoftext|>, padding ids) are not scored.
-position  the same val windows: mean loss by position bucket, and the distinct tokens seen so far (a STEM
-          model reads one table row per distinct token: its active parameters grow with the context).
-passkey   a random number hidden at a depth of val-split filler, asked for at the end; greedy decoding with
-          the KV cache; accuracy by length (tokens, prompt and answer) and depth (share of filler before it).
-mc        multiple-choice task files (--mc), .jsonl or .parquet in their Hugging Face export format, told apart
-          by their fields: HellaSwag, ARC, OpenBookQA, PIQA; scored as lm-evaluation-harness scores them.
-
+bpb       bits per UTF-8 byte of the val split: the cross-entropy in bits over the bytes the scored tokens decode
+          to, comparable across tokenizers and vocab sizes (nanochat); <|endoftext|> and padding are not scored.
+position  the same windows: mean loss by position, and the distinct tokens so far (the STEM rows a sequence reads).
+passkey   a number hidden at a depth of val-split filler, asked for at the end; greedy, with the KV cache.
+mc        task files (.jsonl or .parquet Hugging Face exports of HellaSwag, ARC, OpenBookQA, PIQA, told apart by
+          their fields), scored as lm-evaluation-harness scores them: acc, acc_norm.
 Writes out_dir/eval.json and prints a table. Settings work as in train.py (configurator.py): --key=value, --help.
 """
 
 import json
 import math
 import os
-
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch: huge pages for the [B, T, vocab] logits (CPU)
 import re
 import sys
 import time
-from contextlib import nullcontext
 
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch: huge pages for the [B, T, vocab] logits (CPU)
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -67,7 +61,7 @@ FORMATS = {"hellaswag": ("activity_label", "ctx_a", "ctx_b", "endings", "label")
 
 def split_list(text, kind, key):
     try:
-        return [kind(v) for v in text.split(",") if v.strip()]
+        return [kind(v.strip()) for v in text.split(",") if v.strip()]
     except ValueError:
         raise ConfigError(f"{key} must be comma separated {kind.__name__}s, got {text!r}") from None
 
@@ -79,9 +73,11 @@ def validate(cfg):
     cfg.passkey_lengths = split_list(cfg.passkey_lengths, int, "passkey_lengths")
     if set(cfg.parts) - set(PARTS) or not (cfg.parts or cfg.mc):
         raise ConfigError(f"parts must name some of {', '.join(PARTS)} (or give --mc files), got {cfg.parts}")
-    if min(cfg.batch_size, cfg.passkey_trials, cfg.passkey_digits) < 1 or min(cfg.max_tokens, cfg.limit) < 0:
-        raise ConfigError("batch_size, passkey_trials and passkey_digits must be at least 1; max_tokens, limit 0 or more")
-    if not all(0 <= d <= 1 for d in cfg.passkey_depths):
+    lows = dict(batch_size=1, passkey_trials=1, passkey_digits=1, max_tokens=0, limit=0, position_bucket=0)
+    for key, low in lows.items():
+        if getattr(cfg, key) < low:
+            raise ConfigError(f"{key} must be at least {low}, got {getattr(cfg, key)}")
+    if not cfg.passkey_depths or not 0 <= min(cfg.passkey_depths) <= max(cfg.passkey_depths) <= 1:
         raise ConfigError(f"passkey_depths are shares of the filler, between 0 and 1, got {cfg.passkey_depths}")
     names = [os.path.splitext(os.path.basename(p))[0] for p in cfg.mc]
     if len(set(names)) < len(names):
@@ -92,10 +88,10 @@ def validate(cfg):
 def tokenizer_of(folder, ckpt_path):
     """The tokenizer the checkpoint's data was prepared with, named by the dataset's meta.json."""
     meta = os.path.join(folder, "meta.json")
-    if not os.path.exists(meta):
-        raise ConfigError(f"cannot find the tokenizer of {ckpt_path}: no {meta}; point --data_dir and --dataset at "
-                          f"the data it was trained on (prepared by prepare.py)")
-    name = json.load(open(meta)).get("tokenizer")
+    name = json.load(open(meta)).get("tokenizer") if os.path.exists(meta) else None
+    if name is None:
+        raise ConfigError(f"cannot find the tokenizer of {ckpt_path}: no {meta} names one; point --data_dir and "
+                          f"--dataset at the data it was trained on (prepared by prepare.py)")
     if name != "gpt2":
         raise ConfigError(f"{meta} names the tokenizer {name!r}: eval.py knows only gpt2 (prepare.load_tokenizer)")
     return prepare.load_tokenizer()
@@ -106,8 +102,7 @@ def token_bytes(enc, vocab_size):
     out = np.zeros(vocab_size, dtype=np.int64)
     for t in range(min(enc.n_vocab, vocab_size)):
         out[t] = len(enc.decode_single_token_bytes(t))
-    for s in enc.special_tokens_set:
-        out[enc.encode_single_token(s)] = 0
+    out[[enc.encode_single_token(s) for s in enc.special_tokens_set]] = 0
     return out
 
 
@@ -119,40 +114,35 @@ def nats(cfg, model, rows_fn, x, y):
     return F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=-1, reduction="none").cpu()
 
 
-# ----------------------------------------------------------------------------------------------------------
-# bpb and position: one pass over the val split in back-to-back windows, every target scored once
-
 def val_pass(cfg, model, rows_fn, data, nbytes):
+    """bpb and position from one pass over the val split in back-to-back windows: every target scored once."""
     bs = model.config.block_size
     n = len(data) - 1 if cfg.max_tokens == 0 else min(cfg.max_tokens, len(data) - 1)  # targets data[1..n]
-    starts = list(range(0, n, bs))
-    pos_nats, pos_count, seen, seen_count = (np.zeros(bs) for _ in range(4))
-    total_nats = total_bytes = total_tokens = 0
+    starts, total_bytes = list(range(0, n, bs)), 0
+    pos_nats, pos_count, seen, windows = (np.zeros(bs) for _ in range(4))  # sums by position in the window
     for i in tqdm(range(0, len(starts), cfg.batch_size), desc="bpb", unit="batch", leave=False):
         x = torch.zeros(len(starts[i:i + cfg.batch_size]), bs, dtype=torch.long)
         y = torch.full_like(x, -1)  # the last window may be short: the rest of its row is not scored
         for r, s in enumerate(starts[i:i + cfg.batch_size]):
-            w = torch.from_numpy(data[s:min(s + bs, n) + 1].astype(np.int64))
-            x[r, :len(w) - 1], y[r, :len(w) - 1] = w[:-1], w[1:]
-            new = np.zeros(len(w) - 1)
-            new[np.unique(w[:-1].numpy(), return_index=True)[1]] = 1  # a token's first position in the window
-            seen[:len(w) - 1] += np.cumsum(new)
-            seen_count[:len(w) - 1] += 1
-        b = nbytes[y.clamp(min=0).numpy()] * (y >= 0).numpy()
+            w = data[s:min(s + bs, n) + 1].astype(np.int64)
+            x[r, :len(w) - 1], y[r, :len(w) - 1] = torch.from_numpy(w[:-1]), torch.from_numpy(w[1:])
+            first = np.zeros(len(w) - 1)
+            first[np.unique(w[:-1], return_index=True)[1]] = 1  # where each token first appears
+            seen[:len(w) - 1] += np.cumsum(first)
+            windows[:len(w) - 1] += 1
+        b = np.where(y.numpy() >= 0, nbytes[y.clamp(min=0).numpy()], 0)
         y[torch.from_numpy(b == 0)] = -1  # text only
-        loss = nats(cfg, model, rows_fn, x, y).double().numpy()
-        total_nats, total_bytes, total_tokens = total_nats + loss.sum(), total_bytes + b.sum(), total_tokens + (b > 0).sum()
-        pos_nats, pos_count = pos_nats + loss.sum(0), pos_count + (b > 0).sum(0)
+        pos_nats += nats(cfg, model, rows_fn, x, y).double().sum(0).numpy()
+        pos_count, total_bytes = pos_count + (b > 0).sum(0), total_bytes + b.sum()
     if total_bytes == 0:
         raise ConfigError("the val tokens scored decode to no text: raise max_tokens, or check the data")
-    width = cfg.position_bucket or max(1, bs // 8)
+    width, tokens = cfg.position_bucket or max(1, bs // 8), pos_count.sum()
     row = model.stem_table.size(1) if model.stem_table is not None else 0  # parameters in one token's rows
-    position = [dict(start=a, end=min(a + width, bs) - 1,
-                     loss=float(pos_nats[a:a + width].sum() / max(1, pos_count[a:a + width].sum())),
-                     distinct_tokens=float(seen[e] / seen_count[e]), stem_params=int(round(seen[e] / seen_count[e] * row)))
-                for a in range(0, bs, width) for e in [min(a + width, bs) - 1] if seen_count[e]]
-    return dict(bpb=float(total_nats / math.log(2) / total_bytes), val_tokens=int(total_tokens),
-                val_bytes=int(total_bytes), val_loss=float(total_nats / total_tokens)), position
+    position = [dict(start=a, end=e, loss=float(pos_nats[a:e + 1].sum() / max(1, pos_count[a:e + 1].sum())),
+                     distinct_tokens=float(seen[e] / windows[e]), stem_params=int(round(seen[e] / windows[e] * row)))
+                for a in range(0, bs, width) for e in [min(a + width, bs) - 1] if windows[e]]
+    return dict(bpb=float(pos_nats.sum() / math.log(2) / total_bytes), val_tokens=int(tokens),
+                val_bytes=int(total_bytes), val_loss=float(pos_nats.sum() / tokens)), position
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -161,8 +151,7 @@ def val_pass(cfg, model, rows_fn, data, nbytes):
 def read_items(path):
     try:
         if path.endswith(".jsonl"):
-            with open(path, encoding="utf-8") as f:
-                return [json.loads(line) for line in f if line.strip()]
+            return [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
         if path.endswith(".parquet"):
             import pyarrow.parquet as pq  # here: only parquet files need it
             return pq.read_table(path).to_pylist()
@@ -173,8 +162,9 @@ def read_items(path):
 
 def task_format(path, item):
     for name, fields in FORMATS.items():
-        if isinstance(item, dict) and all(f in item for f in fields) and (name != "arc" or isinstance(item["question"], str)):
-            return name
+        if isinstance(item, dict) and all(f in item for f in fields):
+            if name != "arc" or isinstance(item["question"], str):  # the raw ARC files nest it: not the export
+                return name
     known = "; ".join(f"{n}: {', '.join(fs)}" for n, fs in FORMATS.items())
     got = f"the fields {', '.join(sorted(item))}" if isinstance(item, dict) else f"a {type(item).__name__}"
     raise ConfigError(f"{path} is in no known format (its items have {got}); expected the fields of {known} "
@@ -183,8 +173,7 @@ def task_format(path, item):
 
 def hellaswag_text(text):
     """lm-evaluation-harness's HellaSwag preprocessing (the brackets are WikiHow artifacts)."""
-    text = re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". "))
-    return text.replace("  ", " ")
+    return re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". ")).replace("  ", " ")
 
 
 def request(fmt, item):
@@ -208,15 +197,15 @@ def choice_scores(cfg, model, rows_fn, enc, pairs, desc):
         c = enc.encode_ordinary(" " + choice)
         if len(c) > bs:
             raise ConfigError(f"{desc}: a choice of {len(c)} tokens does not fit block_size {bs}")
-        seqs.append(((enc.encode_ordinary(ctx) or [prepare.EOT]) + c)[-(bs + 1):] + [len(c)])
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # like lengths together: less padding
+        seqs.append((((enc.encode_ordinary(ctx) or [prepare.EOT]) + c)[-(bs + 1):], len(c)))
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))  # like lengths together: less padding
     scores = [0.0] * len(seqs)
     for i in tqdm(range(0, len(order), cfg.batch_size), desc=desc, unit="batch"):
         batch = order[i:i + cfg.batch_size]
-        x = torch.zeros(len(batch), len(seqs[batch[0]]) - 2, dtype=torch.long)
+        x = torch.zeros(len(batch), len(seqs[batch[0]][0]) - 1, dtype=torch.long)
         y = torch.full_like(x, -1)  # only the choice's tokens are scored
         for r, j in enumerate(batch):
-            toks, k = seqs[j][:-1], seqs[j][-1]
+            toks, k = seqs[j]
             x[r, :len(toks) - 1] = torch.tensor(toks[:-1])
             y[r, len(toks) - 1 - k:len(toks) - 1] = torch.tensor(toks[-k:])
         for r, total in enumerate(nats(cfg, model, rows_fn, x, y).double().sum(1).tolist()):
@@ -230,14 +219,16 @@ def mean_stderr(xs):  # lm-evaluation-harness's: the sample standard deviation o
 
 
 def run_task(cfg, model, rows_fn, enc, path):
-    items = read_items(path)
-    items = items[:cfg.limit] if cfg.limit else items
+    items = read_items(path)[:cfg.limit or None]
     if not items:
         raise ConfigError(f"{path} holds no items")
     fmt, reqs = task_format(path, items[0]), []
     for i, item in enumerate(items):
-        ctx, choices, gold = request(task_format(path, item), item)
-        if gold not in range(len(choices)) or type(gold) is not int:
+        try:
+            ctx, choices, gold = request(task_format(path, item), item)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(f"{path}: item {i} does not fit the {fmt} format ({type(e).__name__}: {e})") from None
+        if type(gold) is not int or gold not in range(len(choices)):
             raise ConfigError(f"{path}: item {i} has no gold answer among its {len(choices)} choices (label or "
                               f"answerKey {item.get('label', item.get('answerKey'))!r}); test splits hide theirs: "
                               f"use the validation split")
@@ -277,19 +268,17 @@ def passkey(cfg, model, rows_fn, enc, filler):
     if max(lengths) > bs:
         raise ConfigError(f"passkey_lengths {lengths}: the model's context is {bs} tokens; use lengths up to {bs}")
     cells = []
-    for length in lengths:
-        for depth in cfg.passkey_depths:
-            rng = np.random.default_rng([cfg.seed, length, round(depth * 1e6)])  # a cell's trials: its own seed
-            trials = [passkey_prompt(enc, filler, rng, length, depth, cfg.passkey_digits)
-                      for _ in range(cfg.passkey_trials)]
-            hits = 0
-            for i in range(0, len(trials), cfg.batch_size):
-                chunk = trials[i:i + cfg.batch_size]
-                x = torch.tensor([p for p, _ in chunk], device=cfg.device)
-                with torch.no_grad(), cfg.autocast:
-                    out = model.generate(x, max(len(a) for _, a in chunk), temperature=0, stem_rows_fn=rows_fn)
-                hits += sum(out[r, x.size(1):x.size(1) + len(a)].tolist() == a for r, (_, a) in enumerate(chunk))
-            cells.append(dict(length=length, depth=depth, acc=hits / len(trials)))
+    for length, depth in ((n, d) for n in lengths for d in cfg.passkey_depths):
+        rng = np.random.default_rng([cfg.seed, length, round(depth * 1e6)])  # a cell's trials: its own seed
+        trials, hits = [passkey_prompt(enc, filler, rng, length, depth, cfg.passkey_digits)
+                        for _ in range(cfg.passkey_trials)], 0
+        for i in range(0, len(trials), cfg.batch_size):  # one length: the prompts batch without padding
+            chunk = trials[i:i + cfg.batch_size]
+            x = torch.tensor([p for p, _ in chunk], device=cfg.device)
+            with torch.no_grad(), cfg.autocast:
+                out = model.generate(x, max(len(a) for _, a in chunk), temperature=0, stem_rows_fn=rows_fn)
+            hits += sum(out[r, x.size(1):x.size(1) + len(a)].tolist() == a for r, (_, a) in enumerate(chunk))
+        cells.append(dict(length=length, depth=depth, acc=hits / len(trials)))
     return dict(digits=cfg.passkey_digits, trials=cfg.passkey_trials, acc=sum(c["acc"] for c in cells) / len(cells),
                 cells=cells)
 
@@ -312,19 +301,13 @@ def table(res):
         lines.append(f"mc        {name}: n {t['n']}, acc {t['acc']:.3f}{se(t['acc_stderr'])}, acc_norm "
                      f"{t['acc_norm']:.3f}{se(t['acc_norm_stderr'])} (chance {t['chance']:.3f}; {t['format']})")
     if "passkey" in res:
-        pk, depths = res["passkey"], sorted({c["depth"] for c in res["passkey"]["cells"]})
+        pk = res["passkey"]
+        depths, lengths = (sorted({c[k] for c in pk["cells"]}) for k in ("depth", "length"))
+        acc = {(c["length"], c["depth"]): c["acc"] for c in pk["cells"]}
         lines.append(f"passkey   {pk['digits']} digits, {pk['trials']} trials a cell, accuracy {pk['acc']:.3f}; "
                      f"length \\ depth " + " ".join(f"{d:>5g}" for d in depths))
-        for length in sorted({c["length"] for c in pk["cells"]}):
-            accs = {c["depth"]: c["acc"] for c in pk["cells"] if c["length"] == length}
-            lines.append(f"          {length:>6} " + " ".join(f"{accs[d]:5.2f}" for d in depths))
+        lines += [f"{n:>16} " + " ".join(f"{acc[n, d]:5.2f}" for d in depths) for n in lengths]
     return "\n".join(lines)
-
-
-def write_json(path, obj):
-    with open(path + ".tmp", "w") as f:  # temp name, then rename: a kill leaves the old file or the new one
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def main(argv):
@@ -335,22 +318,18 @@ def main(argv):
     saved = ckpt.get("config", {})
     folder = os.path.join(cfg.data_dir or saved.get("data_dir", "data"), cfg.dataset or saved.get("dataset", ""))
     enc = tokenizer_of(folder, path)
-    cfg.autocast = nullcontext() if cfg.dtype == "float32" else torch.autocast(torch.device(cfg.device).type,
-                                                                               getattr(torch, cfg.dtype))
-    res = dict(checkpoint=path, data=folder, model=dict(ffn=model.config.ffn, n_layer=model.config.n_layer,
-               n_embd=model.config.n_embd, block_size=model.config.block_size, iter_num=ckpt.get("iter_num"),
-               params=model.num_params()), seconds={})
+    cfg.autocast = torch.autocast(torch.device(cfg.device).type, getattr(torch, cfg.dtype),
+                                  enabled=cfg.dtype != "float32")
+    res = dict(checkpoint=path, data=folder, seconds={}, model={k: getattr(model.config, k) for k in ("ffn", "n_layer",
+               "n_embd", "block_size")} | dict(iter_num=ckpt.get("iter_num"), params=model.num_params()))
     ckpt = None  # let the checkpoint's optimizer state go
     if cfg.parts and not os.path.exists(os.path.join(folder, "val.bin")):
         raise ConfigError(f"no val split at {folder}/val.bin: run prepare.py, or set --data_dir/--dataset")
     data = prepare.read_tokens(folder, "val") if cfg.parts else None
     t0 = time.time()
-    if "bpb" in cfg.parts or "position" in cfg.parts:
+    if {"bpb", "position"} & set(cfg.parts):  # one pass gives both
         bpb, position = val_pass(cfg, model, rows_fn, data, token_bytes(enc, model.config.vocab_size))
-        if "bpb" in cfg.parts:
-            res.update(bpb)
-        if "position" in cfg.parts:
-            res["position"] = position
+        res.update(bpb, position=position)
         res["seconds"]["bpb_position"], t0 = time.time() - t0, time.time()
     if cfg.mc:
         res["mc"] = dict(run_task(cfg, model, rows_fn, enc, p) for p in cfg.mc)
@@ -358,8 +337,11 @@ def main(argv):
     if "passkey" in cfg.parts:
         res["passkey"] = passkey(cfg, model, rows_fn, enc, data)
         res["seconds"]["passkey"] = time.time() - t0
-    write_json(os.path.join(cfg.out_dir, "eval.json"), res)
-    print(table(res) + f"\nwrote {os.path.join(cfg.out_dir, 'eval.json')}")
+    out = os.path.join(cfg.out_dir, "eval.json")
+    with open(out + ".tmp", "w") as f:  # temp name, then rename: a kill leaves the old file or the new one
+        json.dump(res, f, indent=1)
+    os.replace(out + ".tmp", out)
+    print(table(res) + f"\nwrote {out}")
     return res
 
 
