@@ -814,3 +814,30 @@ def test_offload_unlocks_its_host_memory_on_close_and_when_dropped(monkeypatch):
     page_lock(table)
     with pytest.raises(OffloadError, match="page-locked already.*close()"):
         page_lock(table)
+
+
+def test_every_kernel_launch_runs_on_its_tensors_device():
+    """Triton launches on the current CUDA device: each launch in stem_ops sits inside `with _on_device(...)`,
+    which for tensors on cuda:1 makes cuda:1 current (and does nothing on a CPU). Without a GPU the guard is
+    checked in the source and by what it returns. (Mutations caught: a launch outside the guard; a guard that
+    ignores the tensor's device index.)"""
+    import ast
+    from types import SimpleNamespace
+    tree = ast.parse(Path(stem_ops.__file__).read_text())
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+
+    def guarded(node):
+        while node in parents:
+            node = parents[node]
+            if isinstance(node, ast.With) and any(isinstance(i.context_expr, ast.Call) and getattr(
+                    i.context_expr.func, "id", None) == "_on_device" for i in node.items):
+                return True
+        return False
+    kernels = {f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
+               and any(ast.unparse(d) == "triton.jit" for d in f.decorator_list)}
+    launches = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Subscript)
+                and getattr(n.func.value, "id", None) in kernels]  # kernel[grid](...)
+    assert len(kernels) == 3 and len(launches) == 3 and all(guarded(n) for n in launches)
+    guard = stem_ops._on_device(SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1)))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert not isinstance(stem_ops._on_device(torch.zeros(1)), torch.cuda.device)
