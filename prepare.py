@@ -39,7 +39,7 @@ How it runs: this process reads the files and hands batches of about batch_chars
 processes, each with its own tokenizer; their tokens are appended to temporary files in input order, and
 train.bin, val.bin and meta.json are renamed into place together at the end, so a failed or interrupted run
 leaves no half dataset, and a dataset already under that name stays as it was. Memory holds about 2 x workers
-batches, whatever the size of the corpus (plus one parquet row group, and a single document's line or row).
+batches, whatever the size of the corpus (plus pyarrow's buffers, and a single document's line or row).
 A document longer than a batch is tokenized in pieces cut just before a space that follows a letter, digit or
 punctuation mark: GPT-2's split pattern (and cl100k's, o200k's) always ends a piece there, so the tokens are
 exactly those of the whole document. A one-document input is read whole, to find its split point.
@@ -360,7 +360,8 @@ def open_parquet(path, text_key):
     except ImportError:
         raise PrepareError(f"{path}: reading .parquet files needs pyarrow: pip install {PYARROW}") from None
     try:
-        pf = pq.ParquetFile(path)
+        # read a column chunk page by page through a 4 MB buffer, not whole: memory stays flat for any row group
+        pf = pq.ParquetFile(path, buffer_size=1 << 22, pre_buffer=False)
         schema = pf.schema_arrow
     except (pa.ArrowException, OSError) as e:
         raise PrepareError(f"{path}: not a readable parquet file ({one_line(e)})") from None
@@ -708,9 +709,6 @@ def prepare(input_path=None, name=None, out_root="data", val_fraction=0.1, text_
     if k == 1 and not one_file:
         raise PrepareError(f"--val_fraction={val_fraction} puts every document in val (every k-th with k=1); "
                            "use a value below 0.67")
-    for path, _, kind in files:  # a wrong column shows now, not hours into the run
-        if kind == ".parquet":
-            open_parquet(path, text_key)
     enc, eot, tokenizer_name = get_tokenizer(tokenizer, eot_token, tokenizer_pattern)
     dtype = np.dtype(np.uint16 if enc.max_token_value < 2 ** 16 else np.uint32)
     total = sum(p.stat().st_size for p, _, _ in files)
@@ -721,6 +719,9 @@ def prepare(input_path=None, name=None, out_root="data", val_fraction=0.1, text_
     bar = tqdm(total=total, desc=f"tokenizing {name}", unit="B", unit_scale=True, disable=not progress)
     out = None
     try:
+        for path, _, kind in files:  # a wrong column shows now, not hours into the run
+            if kind == ".parquet":
+                open_parquet(path, text_key)
         out = Output(Path(out_root) / name, dtype, bar)
         rule = None if one_file else tokenize_documents(files, input_path, text_key, k, batch_chars, pool, out, stats)
         if rule is None:  # one document: cut by characters
