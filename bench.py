@@ -16,6 +16,7 @@ so one variant's memory cannot disturb another's timing. --what=gpu without CUDA
 """
 
 import dataclasses
+import gc
 import itertools
 import json as jsonlib
 import math
@@ -28,13 +29,14 @@ import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
-from types import SimpleNamespace
+from types import GeneratorType, SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 import configurator
+import prepare
 import stem_ops
 import stem_sparse
 import train
@@ -61,6 +63,7 @@ quality_variants = "swiglu,stem,moe,stem_half"  # quality: which to train, comma
 pcie_gb_s = 25.0  # offload projection: host<->GPU copy speed, each direction (PCIe 4.0 x16, effective)
 peak_tflops = 989.0  # offload projection: the GPU's dense bf16 peak (H100 SXM)
 mfu_assumed = 0.40  # offload projection: the model FLOPs utilisation the step's compute is projected at
+gpu_budget_s = 480.0  # gpu: parts and training variants not started within this many seconds are skipped
 DEFAULTS = configurator.defaults_of(globals())
 GPT2_VOCAB = 50304
 LR = 6e-4  # the learning rate of every timed training step
@@ -108,7 +111,7 @@ def text_tokens(vocab, _cache={}):
     smaller than the data's renumbers ids by frequency and folds the rare tail modulo vocab: still Zipfian."""
     if vocab not in _cache:
         path, rng, p = os.path.join(data_dir, "val.bin"), np.random.default_rng(seed), 1 / np.arange(1, 50258) ** 1.1
-        data = np.fromfile(path, dtype=np.uint16).astype(np.int64) if os.path.exists(path) else \
+        data = np.asarray(prepare.read_tokens(data_dir, "val"), dtype=np.int64) if os.path.exists(path) else \
             rng.permutation(50257)[rng.choice(50257, size=500_000, p=p / p.sum())]
         if data.max() >= vocab:  # rank[id]: how many ids are more frequent
             data = np.argsort(np.argsort(-np.bincount(data), kind="stable"))[data] % vocab
@@ -162,6 +165,20 @@ def profile_ops(fns, title, calls=3):
     rows = rows[:14] + [["all aten ops"] + [sum(per_op[op].get(n, 0) for op in per_op) for n in fns]]
     return result(title.replace(" ", "_"), f"{title}: self time per op, ms per call (torch.profiler)",
                   ["op"] + list(fns), rows, [f"{machine()}; mean of {calls} calls after the timing"])
+
+def layer_rows(rows, inverse, ids, width, fused):
+    """The StemRows a lone STEM layer reads (GPT.forward builds them for a whole model): the rows split into
+    column blocks of width, and the fused kernel's backward plan."""
+    plan = stem_ops.backward_plan(inverse, rows.size(0)) if fused else ()
+    return StemRows(rows, inverse, ids, layers=rows.split(width, dim=1), fused=fused, plan=tuple(plan))
+
+def free_memory():
+    """Drop what earlier work left (compiled graphs, cycles), so the next peak-memory reading is its own."""
+    torch._dynamo.reset()
+    gc.collect()
+    if on_gpu():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
 
 def trainer(settings, n_batches=4, offset=0):
     """A model and optimizers as train.py's main() builds them for these train.py settings; .step() is one
@@ -235,8 +252,8 @@ def bench_ffn():
             x.grad = None
             modules[name].zero_grad(set_to_none=True)
             if kernel:
-                rows = dataclasses.replace(r := lookup(next(batches)), layers=(r.rows,),
-                                           fused=stem_ops.use_triton(kernel, device))
+                r = lookup(next(batches))
+                rows = layer_rows(r.rows, r.inverse, r.ids, f, stem_ops.use_triton(kernel, device))
             with autocast():
                 out = modules[name](x, rows) if kernel else modules[name](x)
             outs = out if isinstance(out, tuple) else (out,)  # MoE: (y, aux loss)
@@ -374,7 +391,7 @@ def bench_offload():
     run = trainer(s, n_steps, offset=1)
     B, T, row_bytes = s["batch_size"], s["block_size"], run.rows_opt.table[0].nbytes
     run.losses = [run.step()[0] for _ in range(n_steps)]
-    run.rows_opt.flush()
+    run.rows_opt.close()  # waits for the last host update
     distinct, overlap = row_traffic(run.batches + run.batches[:1])  # micro_batches draws one ahead: batches[0] again
     m = {"to_device": run.rows_opt.bytes_to_device / n_steps, "to_host": run.rows_opt.bytes_to_host / n_steps,
          "expected_to_device": (sum(distinct) + sum(overlap)) * row_bytes / n_steps,
@@ -447,118 +464,149 @@ def bench_quality():
                    "active/token (M)", "MFLOPs/token", "wall s"], rows, notes, runs)
 
 def gpu_parity():
-    """model.STEM forward + backward, Triton vs torch, on one real batch at fp32 and under bf16 autocast, and two
-    Triton runs compared bit for bit. The layer reads the second column block of two (a strided view, as in GPT)."""
+    """model.STEM forward + backward, Triton vs torch, on one real batch: an fp32 table at fp32 and under bf16
+    autocast, and a bf16 table (the GPT-2-small preset's) under autocast; each with a second Triton run compared
+    bit for bit. The layer reads the second column block of two (a strided view, as in GPT)."""
     d, f, B, T, vocab = (64, 128, 2, 64, 1024) if tiny else (768, 2048, 8, 1024, GPT2_VOCAB)
     with torch.device(device):
         layer = STEM(GPTConfig(vocab_size=vocab, n_layer=1, n_head=max(1, d // 64), n_embd=d, d_ff=f), 1)
         table, x, grad_y = torch.randn(vocab, 2 * f) * (2 / (vocab + f)) ** 0.5, *torch.randn(2, B, T, d)
     ids, inverse = torch.unique(host_batches(1, B, T, vocab)[0][0].to(device), return_inverse=True)
-    def run(fused, amp):
-        rows, xx = table[ids].requires_grad_(True), x.clone().requires_grad_(True)
+    def run(fused, amp, table_dtype):
+        rows, xx = table[ids].to(table_dtype).requires_grad_(True), x.clone().requires_grad_(True)
         layer.zero_grad(set_to_none=True)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if amp else nullcontext():
-            y = layer(xx, StemRows(rows, inverse, ids, layers=rows.split(f, dim=1), fused=fused))
+            y = layer(xx, layer_rows(rows, inverse, ids, f, fused))
         y.backward(grad_y.to(y.dtype))
         sync()
         return {"output": y, "grad x": xx.grad, "grad rows": rows.grad, "grad w_gate": layer.w_gate.weight.grad,
                 "grad w_down": layer.w_down.weight.grad}
     rows = []
-    for amp, tol in ((False, 1e-4), (True, 2e-2)):
-        ref, tri, again = run(False, amp), run(True, amp), run(True, amp)
+    for name, amp, table_dtype, tol in (("fp32", False, torch.float32, 1e-4),
+                                        ("fp32 table, bf16 autocast", True, torch.float32, 2e-2),
+                                        ("bf16 table, bf16 autocast", True, torch.bfloat16, 2e-2)):
+        ref, tri, again = (run(fused, amp, table_dtype) for fused in (False, True, True))
         for k in ref:
             err = (tri[k].float() - ref[k].float()).abs().max().item() / max(ref[k].float().abs().max().item(), 1e-30)
-            rows.append(["bf16 autocast" if amp else "fp32", k, err, tol, err <= tol, torch.equal(tri[k], again[k])])
-    return [result("gpu_parity", "gpu: Triton vs torch STEM layer, forward and backward",
+            rows.append([name, k, err, tol, err <= tol, torch.equal(tri[k], again[k])])
+    return result("gpu_parity", "gpu: Triton vs torch STEM layer, forward and backward",
                   ["precision", "tensor", "relative error", "tolerance", "within", "bit-identical rerun"], rows,
                   [f"{machine()}; d_model {d}, d_ff {f}, {B} x {T} ids of {source()}; error = max |Triton - torch| / "
-                   f"max |torch|; rerun: a second Triton run equals the first exactly (no atomics in the backward)"])]
+                   f"max |torch|; rerun: a second Triton run equals the first exactly (no atomics in the backward)"])
 
 def gpu_kernel():
-    """The Triton op's forward and backward alone (and torch's forward), and their effective bandwidth against a
-    device-to-device copy timed in the same rounds."""
+    """The Triton op's forward and backward alone (and torch's forward), their effective bandwidth against a
+    device-to-device copy timed in the same rounds, and the backward plan (built once per forward) timed apart."""
     f, B, T, vocab, n_stem = (128, 2, 64, 1024, 2) if tiny else (2048, 8, 1024, GPT2_VOCAB, 11)
     inverse = torch.unique(host_batches(1, B, T, vocab)[0][0].to(device), return_inverse=True)[1].flatten()
     R = int(inverse.max()) + 1
-    rows = torch.randn(R, n_stem * f, device=device)[:, :f]  # one layer's column block of the batch's rows
+    plan = stem_ops.backward_plan(inverse, R)
     big = torch.empty(2 ** (22 if tiny else 28), device=device)  # 1 GiB of float32
     copy_to, out, raw = torch.empty_like(big), [], {}
-    for gdt in (torch.bfloat16, torch.float32):
+    for rows_dtype, gdt in ((torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
+                            (torch.float32, torch.float32)):
+        rows = torch.randn(R, n_stem * f, device=device, dtype=rows_dtype)[:, :f]  # one layer's column block
         gate, grad_h = torch.randn(2, B * T, f, device=device, dtype=gdt)
         fns = {"copy (device to device)": lambda: copy_to.copy_(big),
-               "triton forward": lambda: stem_ops.silu_mul_rows(gate, rows, inverse),
-               "triton backward": lambda: stem_ops.silu_mul_rows_backward(grad_h, gate, rows, inverse),
+               "triton forward": lambda: stem_ops.silu_mul_rows(gate, rows, inverse, plan),
+               "triton backward": lambda: stem_ops.silu_mul_rows_backward(grad_h, gate, rows, inverse, plan),
+               "backward plan (once per forward)": lambda: stem_ops.backward_plan(inverse, R),
                "torch forward": lambda: F.silu(gate) * F.embedding(inverse, rows).to(gdt)}
-        g, r = gate.numel() * gate.element_size(), R * f * 4  # bytes: all gate positions, each distinct row once
+        g, r = gate.numel() * gate.element_size(), R * f * rows.element_size()  # all positions, each row once
         moved = {"copy (device to device)": 2 * big.numel() * 4, "triton forward": 2 * g + r,
                  "triton backward": 3 * g + 2 * r, "torch forward": 2 * g + r}
         with torch.no_grad():
             medians = time_round_robin(fns, n_reps(5))[0]
         copy_bw = moved["copy (device to device)"] / medians["copy (device to device)"]
-        out += [[str(gdt)[6:], k, t * 1e3, moved[k] / 1e6, moved[k] / t / 1e9, moved[k] / t / copy_bw]
-                for k, t in medians.items()]
-        raw[str(gdt)] = {"copy_GB_s": copy_bw / 1e9, "ms": {k: v * 1e3 for k, v in medians.items()}}
+        case = f"{str(rows_dtype)[6:]} rows, {str(gdt)[6:]} gate"
+        out += [[case, k, t * 1e3, moved[k] / 1e6 if k in moved else None, moved[k] / t / 1e9 if k in moved else None,
+                 moved[k] / t / copy_bw if k in moved else None] for k, t in medians.items()]
+        raw[case] = {"copy_GB_s": copy_bw / 1e9, "ms": {k: v * 1e3 for k, v in medians.items()}}
     notes = [f"{machine()}; gate [{B * T}, {f}], {R} distinct rows of {source()} (a column block of [{R}, "
-             f"{n_stem * f}] float32); copy {big.numel() * 4 / 2**30:g} GiB; median of {n_reps(5)} rounds; bytes: "
-             "compulsory traffic, gate (+ grad_h, grad_gate) and each distinct row (+ its gradient) once"]
-    return [result("gpu_kernel", "gpu: silu_mul_rows time and effective bandwidth", ["gate dtype", "operation", "ms",
-                   "MB moved", "GB/s", "fraction of copy"], out, notes, raw)]
+             f"{n_stem * f}]); copy {big.numel() * 4 / 2**30:g} GiB; median of {n_reps(5)} rounds; bytes: compulsory "
+             "traffic, gate (+ grad_h, grad_gate) and each distinct row (+ its gradient) once; the backward's "
+             "bandwidth excludes the plan, which GPT.forward builds once for every STEM layer"]
+    return result("gpu_kernel", "gpu: silu_mul_rows time and effective bandwidth", ["case", "operation", "ms",
+                  "MB moved", "GB/s", "fraction of copy"], out, notes, raw)
 
-def gpu_train():
-    """GPT-2-small train steps through train.py with torch.compile: STEM (table on the device), SwiGLU, STEM with the
-    table in host memory. One variant at a time, alone on the GPU (its peak memory is its own; a dedicated GPU is
-    steady without interleaving). A variant that fails records its error and the others go on."""
+def gpu_train(deadline):
+    """GPT-2-small train steps through train.py with torch.compile and the preset's table (bf16, rowwise): STEM with
+    the Triton kernel, STEM with the torch path (the custom op against Inductor's own fusion), SwiGLU, and STEM
+    with the table in host memory. One variant at a time, alone on the GPU: the previous one is freed before the
+    peak is reset. A variant that fails records its error and the others go on; none starts past the deadline."""
+    preset = train.configure([os.path.join(os.path.dirname(os.path.abspath(__file__)), "config",
+                                           "train_gpt2_small_stem.py")])
+    table = {k: getattr(preset, k) for k in ("stem_dtype", "stem_state", "stem_weight_decay", "stem_clip")}
     common = {**model_settings("stem", 1024 if tiny else GPT2_VOCAB, "step"), "compile": on_gpu(), "dtype": "bfloat16"}
     B, T, info, rows = common["batch_size"], common["block_size"], {}, []
-    for name, extra in (("stem", {}), ("swiglu", {"ffn": "swiglu"}), ("stem offloaded", {"stem_offload": True})):
+    variants = (("stem, triton", {**table, "stem_kernel": "triton" if on_gpu() else "torch"}),
+                ("stem, torch path", {**table, "stem_kernel": "torch"}), ("swiglu", {"ffn": "swiglu"}),
+                ("stem offloaded", {**table, "stem_offload": True}))
+    for name, extra in variants:
+        if time.perf_counter() > deadline:
+            info[name] = {"error": f"skipped: past the {gpu_budget_s:g} s budget (gpu_budget_s)"}
+            continue
         log(f"gpu train: {name}")
+        free_memory()
+        run = None
         try:
-            if on_gpu():
-                torch.cuda.reset_peak_memory_stats(device)
             run = trainer({**common, **extra}, 8, offset=4)
             info[name] = {"losses": run.losses}
             run.losses += [run.step()[0] for _ in range(max(0, 3 - warmup))]  # compile, recompile, steady
             ms = time_round_robin({name: lambda: run.losses.append(run.step()[0])}, n_reps(3, 10))[0][name] * 1e3
-            if run.cfg.stem_offload:
-                run.rows_opt.flush()  # raises a failed host job
+            run.rows_opt.close() if run.rows_opt is not None else None  # raises a failed host job
             info[name].update(ms=ms, tokens_per_s=B * T / ms * 1e3, mfu=run.model.estimate_mfu(B * T / ms * 1e3, device,
                               seq_len=T), peak_gb=torch.cuda.max_memory_allocated(device) / 1e9 if on_gpu() else None,
                               gflop_per_token=run.model.flops_per_token(T) / 1e9)
         except Exception as e:
             info[name] = {**info.get(name, {}), "error": one_line(e)}
             log(f"gpu train: {name} failed:\n{traceback.format_exc()}")
+        finally:
+            if run is not None and run.rows_opt is not None:
+                try:
+                    run.rows_opt.close()
+                except Exception:
+                    pass  # already recorded above
         run = None
-        torch._dynamo.reset()  # the compiled graphs (and what they hold) go with the model
+    free_memory()
     for name, r in info.items():
         rows.append([name, "failed: " + r["error"]] + [None] * 5 if "error" in r else
                     [name, r["ms"], r["tokens_per_s"], None if r["mfu"] is None else f"{r['mfu']:.1%}", r["peak_gb"],
                      ratio(r["ms"], info["swiglu"].get("ms")), r["gflop_per_token"]])
     out = [result("gpu_train", "gpu: GPT-2-small training step, compiled", ["variant", "ms/step", "tokens/s", "MFU",
                   "peak GB", "ratio to SwiGLU", "GFLOP/token"], rows,
-                  [f"{machine()}; {shape(common)}; bfloat16, torch.compile; median of {n_reps(3, 10)} steps after "
-                   f"{max(warmup, 3)} warm-up steps; peak GB: torch.cuda.max_memory_allocated over the variant's build "
-                   "and steps (an offloaded table and its moments are in host memory)"], info)]
-    if "ms" in info["stem"] and "ms" in info["stem offloaded"]:
-        a, b = info["stem"]["losses"], info["stem offloaded"]["losses"]
-        diff = [abs(x - y) for x, y in zip(a, b)]
-        out.append(result("gpu_offload", "gpu: table in host memory vs on the device: step time and loss parity",
-                          ["steps", "offloaded/on-device time", "max abs loss difference", "bit-identical losses",
-                           "first loss", "last loss"], [[len(diff), info["stem offloaded"]["ms"] / info["stem"]["ms"],
-                                                         max(diff), sum(x == 0 for x in diff), a[0], a[-1]]],
-                          ["same weights and batches; the row AdamW runs on the host in one, on the GPU in the other"]))
+                  [f"{machine()}; {shape(common)}; bfloat16, torch.compile; STEM tables as the preset: {table}; median "
+                   f"of {n_reps(3, 10)} steps after {max(warmup, 3)} warm-up steps; peak GB: torch.cuda.max_memory_"
+                   "allocated over the variant's build and steps, the previous variant freed (an offloaded table and "
+                   "its moments are in host memory)"], info)]
+    for other in ("stem, torch path", "stem offloaded"):
+        if "ms" in info["stem, triton"] and "ms" in info[other]:
+            a, b = info["stem, triton"]["losses"], info[other]["losses"]
+            diff = [abs(x - y) for x, y in zip(a, b)]
+            out.append(result(f"gpu_vs_{other.split()[-1]}", f"gpu: {other} vs stem, triton: step time and losses",
+                              ["steps", "time ratio", "max abs loss difference", "bit-identical losses", "first loss",
+                               "last loss"], [[len(diff), info[other]["ms"] / info["stem, triton"]["ms"], max(diff),
+                                               sum(x == 0 for x in diff), a[0], a[-1]]],
+                              ["same weights and batches; offloaded: the row AdamW runs on the host; torch path: "
+                               "F.silu(gate) * F.embedding(t, E) compiled by Inductor instead of the Triton op"]))
     return out
 
 def bench_gpu():
-    out = []
-    for name, part in (("parity", gpu_parity), ("kernel", gpu_kernel), ("train", gpu_train)):
+    """The GPU check, part by part: each part's results are yielded (so printed and saved) as soon as it ends,
+    and a part not started within gpu_budget_s is skipped."""
+    deadline = time.perf_counter() + gpu_budget_s
+    for name, part in (("parity", gpu_parity), ("kernel", gpu_kernel), ("train", lambda: gpu_train(deadline))):
+        if time.perf_counter() > deadline:
+            yield result(f"gpu_{name}", f"gpu: {name}: skipped", ["error"], [[f"past the {gpu_budget_s:g} s budget"]])
+            continue
         t0 = time.perf_counter()
         try:
-            out += part()
+            out = part()
         except Exception as e:
             log(f"gpu {name} failed:\n{traceback.format_exc()}")
-            out.append(result(f"gpu_{name}", f"gpu: {name}: failed", ["error"], [[one_line(e)]]))
-        out[-1]["seconds"] = time.perf_counter() - t0
-    return out
+            out = result(f"gpu_{name}", f"gpu: {name}: failed", ["error"], [[one_line(e)]])
+        for res in out if isinstance(out, list) else [out]:
+            yield {**res, "seconds": time.perf_counter() - t0}
 
 BENCHES = {"ffn": bench_ffn, "step": bench_step, "vocab": bench_vocab, "gather": bench_gather,
            "sample": bench_sample, "capacity": bench_capacity, "offload": bench_offload, "quality": bench_quality,
@@ -580,20 +628,25 @@ def apply(settings):  # the settings as this module's globals, then the thread c
     torch.set_num_threads(threads or torch.get_num_threads())
     torch.manual_seed(seed)
 
+def save_json(results):
+    """All results so far, to the json file, atomically: a run cut short (a time limit) keeps what it finished."""
+    with open(json + ".tmp", "w") as f:
+        jsonlib.dump({"settings": {k: globals()[k] for k in DEFAULTS}, "machine": machine(), "versions": {
+            "torch": torch.__version__, "triton": getattr(stem_ops.triton, "__version__", None)}, **results}, f,
+            indent=1, default=str)
+    os.replace(json + ".tmp", json)
+
 def main(argv):
     apply(parse_settings(argv))
     results, t_start = {}, time.perf_counter()
     for name in [w for w in BENCHES if w not in ("quality", "gpu")] if what == "all" else [what]:
         t0, out = time.perf_counter(), BENCHES[name]()
-        for res in out if isinstance(out, list) else [out]:
+        for res in out if isinstance(out, (list, GeneratorType)) else [out]:  # gpu yields part by part
             results[res["name"]] = {**res, "seconds": res.get("seconds", time.perf_counter() - t0)}
             print_result(res)
+            if json:
+                save_json(results)
     print(f"\n{time.perf_counter() - t_start:.0f} s in all (python bench.py {' '.join(argv)})".replace(" )", ")"))
-    if json:
-        with open(json, "w") as f:
-            jsonlib.dump({"settings": {k: globals()[k] for k in DEFAULTS}, "machine": machine(), "versions": {
-                "torch": torch.__version__, "triton": getattr(stem_ops.triton, "__version__", None)}, **results}, f,
-                indent=1, default=str)
     return results
 
 if __name__ == "__main__":

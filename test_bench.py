@@ -3,6 +3,7 @@ steps by train.train_step in a child process, OffloadedRowAdamW's counters), and
 be wrong: the model's FLOP accounting, that the printed tables hold what the JSON holds, the per-round ratios, the
 byte counts; never the timings themselves."""
 
+import importlib.util
 import json
 import math
 import os
@@ -104,3 +105,46 @@ def test_gpu_check_without_cuda_is_one_line():
                           capture_output=True, text=True)
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.startswith("bench.py: error: --what=gpu needs a CUDA GPU") and proc.stderr.count("\n") == 1
+
+
+GPU_CHECK_ON_CPU = r"""
+import json, time, bench
+bench.apply({**bench.DEFAULTS, "tiny": True, "device": "cpu", "dtype": "float32", "threads": 1, "reps": 2})
+import inspect
+assert inspect.isgenerator(bench.bench_gpu())  # each part is printed and saved as soon as it is done
+parts = []
+for res in bench.bench_gpu():
+    parts.append((res["name"], time.perf_counter()))
+    print("RESULT", json.dumps(res, default=str))
+bench.gpu_budget_s = 0.0
+skipped = [res["title"] for res in bench.bench_gpu()]
+print("SKIPPED", json.dumps(skipped))
+print("OK")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_gpu_check_runs_on_a_cpu_under_the_interpreter():
+    """bench.py --what=gpu's parts at toy sizes on a CPU (the Triton op under TRITON_INTERPRET=1; no compile):
+    parity within tolerance and bit-identical reruns for fp32 and bf16 tables, the plan timed apart from the
+    kernels, every training variant with the preset's bf16/rowwise table run with no error, the torch path and
+    the offloaded table giving the Triton run's losses, and a zero budget skipping every part. (Mutations caught:
+    results held back to the end of the run, the budget ignored.)"""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", GPU_CHECK_ON_CPU], cwd=HERE, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0 and "OK" in proc.stdout.split(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = {r["name"]: r for r in (json.loads(l[7:]) for l in proc.stdout.splitlines() if l.startswith("RESULT "))}
+    assert list(results)[:3] == ["gpu_parity", "gpu_kernel", "gpu_train"]
+    parity = results["gpu_parity"]["rows"]
+    assert {r[0] for r in parity} == {"fp32", "fp32 table, bf16 autocast", "bf16 table, bf16 autocast"}
+    assert all(r[4] is True and r[5] is True for r in parity), parity  # within tolerance, bit-identical rerun
+    assert "backward plan (once per forward)" in {r[1] for r in results["gpu_kernel"]["rows"]}
+    train_rows = {r[0]: r for r in results["gpu_train"]["rows"]}
+    assert set(train_rows) == {"stem, triton", "stem, torch path", "swiglu", "stem offloaded"}
+    assert not [r for r in train_rows.values() if str(r[1]).startswith("failed")], train_rows
+    assert "bfloat16" in results["gpu_train"]["notes"][0] and "rowwise" in results["gpu_train"]["notes"][0]
+    for name in ("gpu_vs_path", "gpu_vs_offloaded"):  # on a CPU both STEM runs take the same torch path
+        assert results[name]["rows"][0][3] == results[name]["rows"][0][0], results[name]  # every loss identical
+    skipped = json.loads(next(l[8:] for l in proc.stdout.splitlines() if l.startswith("SKIPPED ")))
+    assert skipped == ["gpu: parity: skipped", "gpu: kernel: skipped", "gpu: train: skipped"]

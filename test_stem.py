@@ -87,26 +87,34 @@ skewed = torch.randint(0, 8, (300,))
 skewed[torch.randperm(300)[:270]] = 3    # one token fills 90% of the positions
 for name, inverse in (("shakespeare", real), ("one hot row", skewed)):
     R = int(inverse.max()) + 1
-    table = torch.randn(R, 3 * D)
-    for dtype in (torch.float32, torch.bfloat16):
+    table0 = torch.randn(R, 3 * D)
+    # gate dtype, table dtype: fp32 throughout, bf16 autocast over an fp32 table, and the preset's bf16 table
+    for dtype, table_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                               (torch.bfloat16, torch.bfloat16)):
         gate0, upstream = torch.randn(inverse.numel(), D).to(dtype), torch.randn(inverse.numel(), D).to(dtype)
+        table = table0.to(table_dtype)
         results = []
         for kernel in ("torch", "triton", "triton"):
-            gate, rows = gate0.clone().requires_grad_(), table.clone().requires_grad_()
+            gate = gate0.clone().requires_grad_()
+            rows = (table.float() if kernel == "torch" else table).clone().requires_grad_()
             E = rows.split(D, dim=1)[1]
             if kernel == "torch":     # the model's own path, with fp32 math as the kernel does it
                 out = (F.silu(gate.float()) * F.embedding(inverse, E)).to(dtype)
             else:
                 out = stem_ops.silu_mul_rows(gate, E, inverse, stem_ops.backward_plan(inverse, R))
             (out.float() * upstream.float()).sum().backward()
-            results.append((out.detach().float(), gate.grad.float(), rows.grad))
+            assert rows.grad.dtype == rows.dtype
+            results.append((out.detach().float(), gate.grad.float(), rows.grad.float()))
         ref, a, b = results
+        case = f"{name} gate {str(dtype)[6:]} table {str(table_dtype)[6:]}"
         tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
         for what, x, y in zip(("out", "grad_gate", "grad_rows"), ref, a):
             err = (x - y).abs().max().item()
-            torch.testing.assert_close(y, x, **tol, msg=f"{name} {dtype} {what}")
-            print(f"PARITY {name} {str(dtype)[6:]} {what} max_abs_err={err:.2e}")
-        assert all(torch.equal(x, y) for x, y in zip(a, b)), f"{name} {dtype}: reruns differ"
+            torch.testing.assert_close(y, x, **tol, msg=f"{case} {what}")
+            print(f"PARITY {case} {what} max_abs_err={err:.2e}")
+        if table_dtype == torch.bfloat16:  # summed in fp32 and rounded once: within one bf16 step of the exact sum
+            torch.testing.assert_close(a[2], ref[2].bfloat16().float(), rtol=2 ** -7, atol=1e-30)
+        assert all(torch.equal(x, y) for x, y in zip(a, b)), f"{case}: reruns differ"
         assert a[2][:, :D].abs().sum() == 0 and a[2][:, 2 * D:].abs().sum() == 0  # only this layer's block
 
 # a whole tiny STEM model: the same loss and gradients with either kernel, and no graph break
