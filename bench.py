@@ -31,6 +31,12 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from types import GeneratorType, SimpleNamespace
 
+# Transparent huge pages for PyTorch's large CPU allocations: without them the big temporaries of every step (the
+# logits and their gradient) are mapped, page-faulted in and freed again each step (measured: 26x the faults,
+# +16% step time). torch reads it once, at its first large allocation: set it before torch is imported. A
+# value the user set wins.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 import numpy as np
 import torch
 import torch.nn.functional as F
