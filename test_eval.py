@@ -294,17 +294,34 @@ def test_passkey_prompt_hides_the_number_at_its_depth(work):
         assert prompt[at:at + len(needle)] == needle and prompt[-len(question):] == question
 
 
+def spy_on_row_fetchers(monkeypatch):
+    """The HostRowFetchers eval.py makes, kept for the test to look at (they run as they are). On a CPU the
+    table and the device are one memory, so results cannot tell whether the offloaded rows were read; the
+    fetcher's counts can."""
+    made, real = [], checkpoint.load_for_inference
+
+    def load(*args, **kwargs):
+        out = real(*args, **kwargs)
+        made.append(out[2])
+        return out
+    monkeypatch.setattr(checkpoint, "load_for_inference", load)
+    return made
+
+
 @pytest.mark.parametrize("offload", [False, True])
-def test_passkey_finds_what_a_copying_model_knows(copier, offload):
+def test_passkey_finds_what_a_copying_model_knows(copier, offload, monkeypatch):
     """The model trained to copy the key answers every trial, at every length and depth, with and without
-    the offloaded table; the same model is asked for 3 digits it was never trained on and misses. (Mutations
-    caught: the needle left out of the prompt, the answer compared with the wrong generated tokens, depth
-    ignored, the offloaded rows not read.)"""
+    the offloaded table (whose rows generation then fetches); the same model asked for 4 digits, which it
+    was never trained on, misses. (Mutations caught: the answer compared with the wrong generated tokens,
+    generation not given the offloaded rows.)"""
+    fetchers = spy_on_row_fetchers(monkeypatch)
     args = [f"--out_dir={copier}", "--parts=passkey", "--passkey_lengths=48,64", "--passkey_depths=0,0.5,1",
             "--passkey_trials=6", "--batch_size=4", f"--stem_offload={offload}"]
     res = run(*args, "--passkey_digits=2")["passkey"]
     assert [(c["length"], c["depth"]) for c in res["cells"]] == [(l, d) for l in (48, 64) for d in (0, 0.5, 1)]
     assert [c["acc"] for c in res["cells"]] == [1.0] * 6 and res["acc"] == 1.0
+    question = load_tokenizer().encode(" What is the pass key? The pass key is")
+    assert (fetchers[0] is None) != offload and (not offload or set(question) <= set(fetchers[0].uses))
     assert run(*args, "--passkey_digits=4")["passkey"]["acc"] < 0.5
     written = json.loads((copier / "eval.json").read_text())
     assert written["passkey"]["digits"] == 4
@@ -324,11 +341,17 @@ def test_command_line_default_parts(work):
     assert "bpb" in out.stdout and "passkey" in out.stdout
 
 
-def test_offloaded_table_scores_alike(work, tmp_path):
-    paths = write_tasks(tmp_path)
+def test_offloaded_table_scores_alike(work, tmp_path, monkeypatch):
+    """With --stem_offload the scores are the table's, and every row the val windows and the task files read
+    came through the fetcher. (Mutation caught: the forward not given the fetched rows.)"""
+    paths, enc = write_tasks(tmp_path), load_tokenizer()
+    fetchers = spy_on_row_fetchers(monkeypatch)
     args = [f"--out_dir={work / 'stem'}", "--parts=bpb", "--max_tokens=500", f"--mc={paths[0]},{paths[2]}"]
     a, b = run(*args), run(*args, "--stem_offload=True")
     assert b["bpb"] == pytest.approx(a["bpb"], rel=1e-6) and b["mc"] == a["mc"]
+    val = read_tokens(work / "data" / "tiny", "val")[:500].tolist()
+    question = enc.encode("Question: " + TASKS["arc"][0]["question"])
+    assert fetchers[0] is None and set(val) | set(question) <= set(fetchers[1].uses)
 
 
 def bad_files(folder):
