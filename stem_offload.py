@@ -92,7 +92,7 @@ class OffloadedRowAdamW(SparseRowAdamW):
         self.staging, self.flip = [None, None], 0  # double-buffered pinned staging for gathers: (buffer, last
         # event that read it). Small, so from the caching host allocator, which frees a dropped buffer only after
         # the copies recorded on it are done
-        self.prefetched = None  # (idx, future of (ids, inverse, device rows, event)) of the next batch
+        self.prefetched = None  # (idx, future of _gather's tuple, idx on the host) of the next batch
         self.bytes_to_device = self.bytes_to_host = 0
         self.on_event = None  # called with the name of each job as it starts and ends (tests record the order)
 
@@ -155,13 +155,20 @@ class OffloadedRowAdamW(SparseRowAdamW):
         self.staging[k] = (buffer, event)
         return rows, event
 
+    def _small_to_device(self, t):
+        """A small host tensor to the device on the copy stream, ordered before the next event recorded there."""
+        if not self.cuda:
+            return t
+        with torch.cuda.stream(self.copy_stream):
+            return t.pin_memory().to(self.device, non_blocking=True)
+
     def _gather(self, idx_host):
+        """(ids, inverse, rows, their row_decay, event): the rows as stored; lookup() applies the decay they miss
+        as of the step it runs at (a prefetch runs a step early)."""
         ids, inverse = torch.unique(idx_host, return_inverse=True)
-        if self.cuda:
-            with torch.cuda.stream(self.copy_stream):  # ordered before the rows' event below
-                inverse = inverse.pin_memory().to(self.device, non_blocking=True)
+        inverse, row_decay = self._small_to_device(inverse), self._small_to_device(self.row_decay[ids])
         rows, event = self._to_device(ids)
-        return ids, inverse, rows, event
+        return ids, inverse, rows, row_decay, event
 
     def _update_hot(self, ids, grad, grad_ready, fetched, lr, decay):
         if grad_ready is not None:
@@ -172,12 +179,13 @@ class OffloadedRowAdamW(SparseRowAdamW):
 
     def _refresh(self, fetched, hot_job):
         """The prefetched batch's copies of the rows just updated are stale: overwrite them on the device."""
-        ids, inverse, rows, event = fetched.result()
+        ids, inverse, rows, row_decay, event = fetched.result()
         changed = hot_job.result()[2]
         where = torch.isin(ids, changed).nonzero().flatten()
         if where.numel():  # (on the copy stream, so after the prefetch's own copy)
+            row_decay = self._small_to_device(self.row_decay[ids])
             rows, event = self._to_device(ids[where], into=rows, where=where)
-        return ids, inverse, rows, event
+        return ids, inverse, rows, row_decay, event
 
     def _update_rest(self, hot_job, lr, decay):
         ids, grad, _ = hot_job.result()
@@ -188,7 +196,7 @@ class OffloadedRowAdamW(SparseRowAdamW):
     def prefetch(self, idx, idx_host=None):
         """Start fetching idx's rows now. idx_host (the batch before it went to the GPU) spares a copy back."""
         host = idx_host if idx_host is not None else idx.to("cpu")
-        self.prefetched = (idx, self._submit("row gather", self._gather, host))
+        self.prefetched = (idx, self._submit("row gather", self._gather, host), host)
 
     def lookup(self, idx, grad=True):
         if self.prefetched is not None and self.prefetched[0] is idx:
@@ -197,15 +205,15 @@ class OffloadedRowAdamW(SparseRowAdamW):
             future = self._submit("row gather", self._gather, idx.to("cpu"))
         future.exception()  # wait; then a failed job (this one, or an update it waited for) raises as itself
         self.check()
-        ids, inverse, rows, event = future.result()
+        ids, inverse, rows, row_decay, event = future.result()
         if self.cuda:
             stream = torch.cuda.current_stream(self.device)
             if event is not None:
                 stream.wait_event(event)
-            rows.record_stream(stream)
-            inverse.record_stream(stream)
+            for t in (rows, inverse, row_decay):
+                t.record_stream(stream)
         self._note("lookup")
-        return StemRows(rows.requires_grad_(grad), inverse, ids)
+        return StemRows(self.decayed(rows, row_decay).requires_grad_(grad), inverse, ids)
 
     def step(self, lr):
         self.check()  # a failed job stops training here too, even at a step with no rows
@@ -229,8 +237,8 @@ class OffloadedRowAdamW(SparseRowAdamW):
         hot = self._submit("update of the rows the next batch reads", self._update_hot, ids, grad, grad_ready,
                            fetched, lr, decay)
         if fetched is not None:
-            self.prefetched = (self.prefetched[0], self._submit("re-copy of updated rows", self._refresh, fetched,
-                                                                 hot))
+            idx, _, host = self.prefetched
+            self.prefetched = (idx, self._submit("re-copy of updated rows", self._refresh, fetched, hot), host)
         self._submit("update of the other rows", self._update_rest, hot, lr, decay)
 
     def flush(self):
@@ -259,6 +267,12 @@ class OffloadedRowAdamW(SparseRowAdamW):
             self.close()
         except Exception:
             pass
+
+    def apply_pending_decay(self):
+        self.flush()  # the worker is idle: the host table is this thread's until the next job
+        super().apply_pending_decay()
+        if self.prefetched is not None:  # its rows were gathered before the decay was written: gather them again
+            self.prefetch(self.prefetched[0], self.prefetched[2])
 
     def state_dict(self):
         self.flush()

@@ -17,8 +17,9 @@ segment sum, never index_add_ (which uses float atomics on CUDA): replicas stay 
 Row-wise ("lazy") AdamW, and where it differs from dense AdamW:
   - a row's moments are updated only at steps whose batch contains its token. Dense AdamW keeps moving rows
     with zero gradient (their momentum decays and still pushes them); lazy Adam leaves them as they are.
-    Weight decay is the exception: a row gets the decay of the steps it missed when it is next touched, so
-    every row decays as under dense AdamW (SparseRowAdamW's docstring).
+    Weight decay is the exception: every row decays as under dense AdamW. A row's pending decay (the steps it
+    missed) is applied wherever it is read (lookup, so training, evaluation and offload see decayed rows), written
+    when it is next updated, and written into the whole table before a checkpoint (apply_pending_decay).
   - bias correction uses each row's own update count (row_step), so a rare token's first update is a
     full-size Adam step, exactly as dense AdamW's first step would be. The first step from a fresh state is
     therefore identical to dense AdamW on every row (with weight decay 0, on all rows; with weight decay,
@@ -105,9 +106,9 @@ class SparseRowAdamW:
     over the row (state="rowwise", as FBGEMM's PARTIAL_ROWWISE_ADAM and Adam-mini do: 4 bytes for bf16).
     A bf16 table is updated in fp32 and written back with stochastic rounding (rounding="stochastic"), or
     to nearest (rounding="nearest", which loses updates smaller than half a bf16 step).
-    Weight decay is decoupled, as AdamW's, and complete: a row that was not touched for k steps gets the
-    decay of those k steps when it is next touched (a running product of (1 - lr_t * wd)), so every row
-    decays as under dense AdamW, although only the batch's rows are written."""
+    Weight decay is decoupled, as AdamW's, and complete: a row that was not touched for k steps has the decay
+    of those k steps (a running product of (1 - lr_t * wd)) applied when it is read and when it is next
+    written, so every row is as dense AdamW would have it, although only the batch's rows are written."""
 
     def __init__(self, table, lr_mult=1.0, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8, state="full",
                  rounding="stochastic", seed=0):
@@ -135,7 +136,30 @@ class SparseRowAdamW:
 
     def lookup(self, idx, grad=True):
         ids, inverse = torch.unique(idx, return_inverse=True)
-        return StemRows(self.table.detach()[ids].requires_grad_(grad), inverse, ids)
+        rows = self.decayed(self.table.detach()[ids], self.row_decay[ids])
+        return StemRows(rows.requires_grad_(grad), inverse, ids)
+
+    def decayed(self, rows, row_decay):
+        """The rows as dense AdamW would have them now: with the decay of the steps since each was last written
+        (row_decay: the log-decay they have had), so training, evaluation and offload all read decayed rows."""
+        if not self.weight_decay:
+            return rows
+        return (rows.float() * torch.exp(self.decay - row_decay).float().unsqueeze(1)).to(rows.dtype)
+
+    @torch.no_grad()
+    def apply_pending_decay(self, rows_at_once=4096):
+        """Write every row's pending decay into the table itself (before a checkpoint is saved): the saved table
+        is then the one dense AdamW would have, and sample.py or any other reader of ckpt.pt needs no optimizer.
+        The multiply and rounding are the lookup's and the update's, so a run that saves changes in the last
+        bits only (bf16 tables: stochastic rounding, as every write)."""
+        if not self.weight_decay:
+            return
+        stale = (self.row_decay != self.decay).nonzero().flatten()
+        for i in range(0, stale.numel(), rows_at_once):
+            ids = stale[i:i + rows_at_once]
+            p = self.table[ids].float() * torch.exp(self.decay - self.row_decay[ids]).float().unsqueeze(1)
+            self.table[ids] = self.cast(p, ids, self.row_step[ids].unsqueeze(1), salt=2)
+            self.row_decay[ids] = self.decay
 
     def accumulate(self, lookup):
         """Merge a micro-step's row gradients into the step's, now (memory stays one step's distinct rows)."""

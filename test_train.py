@@ -502,3 +502,45 @@ def test_entry_points_turn_on_huge_pages_before_torch_loads(module):
         return int(proc.stdout.split()[-1])
     default, off = faults(), faults(THP_MEM_ALLOC_ENABLE="0")
     assert default * 5 < off, (default, off)
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_table_decay_is_dense_adamws_at_evaluation_and_in_the_checkpoint(tmp_path, offload):
+    """stem_weight_decay with the sparse row optimizer (on the device, or offloaded) against plain dense AdamW on
+    the whole table, through train_step over a warmup + cosine schedule with 2 micro-steps: tokens 0-31 are in
+    every batch, 32-127 never. An evaluation's lookup reads every row as dense AdamW has it (the untouched rows
+    decayed, step after step), and the saved ckpt.pt's table holds those rows, for readers without an optimizer.
+    (Mutations caught: a lookup that skips the pending decay; a checkpoint without apply_pending_decay.)"""
+    import checkpoint
+    vocab, seen = 128, 32
+    g = torch.Generator().manual_seed(0)
+    data = [torch.stack([torch.randperm(seen, generator=g) for _ in range(2)]) for _ in range(16)]
+    tables = {}
+    for kind in ("dense", "sparse"):
+        cfg = train.configure([f"--out_dir={tmp_path / kind}", f"--vocab_size={vocab}", "--n_layer=2", "--n_head=2",
+                               "--n_embd=16", "--d_ff=32", "--block_size=32", "--batch_size=2", "--device=cpu",
+                               "--gradient_accumulation_steps=2", "--learning_rate=3e-2", "--min_lr=3e-3",
+                               "--warmup_iters=3", "--lr_decay_iters=10", "--max_iters=10", "--weight_decay=0.1",
+                               "--stem_weight_decay=0.5", f"--stem_optim={kind}",
+                               f"--stem_offload={offload and kind == 'sparse'}"])
+        train.setup_distributed(cfg)
+        model = train.build_model(cfg)
+        optimizer, rows_opt = train.build_optimizers(cfg, model)
+        draw = lambda step, micro: (data[2 * step + micro],) * 2 + (data[2 * step + micro].roll(1, 1),)  # noqa
+        batches = train.micro_batches(cfg, rows_opt, 0, draw=draw)
+        for it in range(6):
+            train.train_step(cfg, model, optimizer, rows_opt, batches, train.get_lr(cfg, it))
+        if kind == "dense":
+            tables["dense"] = model.stem_table.detach().clone()
+            continue
+        every_row = torch.arange(vocab).view(1, -1)
+        tables["lookup"] = rows_opt.lookup(every_row, grad=False).rows  # ids in order: row t is token t's
+        os.makedirs(cfg.out_dir)
+        train.save_checkpoint(cfg, model, optimizer, rows_opt, 6, 0.0)
+        rows_opt.close()
+        tables["checkpoint"] = checkpoint.load(os.path.join(cfg.out_dir, "ckpt.pt"))["model"]["stem_table"]
+    dense = tables["dense"]
+    decay = torch.prod(torch.tensor([1 - train.get_lr(cfg, it) * 0.5 for it in range(6)], dtype=torch.float64))
+    assert decay < 0.95  # the untouched rows really decayed: by 6%, far above the tolerance below
+    for name in ("lookup", "checkpoint"):
+        torch.testing.assert_close(tables[name], dense, rtol=1e-5, atol=1e-7, msg=name)

@@ -312,6 +312,8 @@ def save_checkpoint(cfg, model, optimizer, rows_opt, iter_num, best_val_loss):
     """out_dir/ckpt.pt, atomically (checkpoint.py). The row state comes first: it waits for an offloaded table's
     queued updates, and raises if one failed, before anything is written. Dropout draws from torch's
     generators: saved per rank."""
+    if rows_opt is not None:  # the saved table holds decayed rows: readers of ckpt.pt need no optimizer
+        rows_opt.apply_pending_decay()
     stem_state = rows_opt.state_dict() if rows_opt is not None else None
     rngs = [checkpoint.rng_state(cfg.device_type)] * cfg.world_size
     if cfg.ddp:
