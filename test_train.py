@@ -332,6 +332,32 @@ def test_moe_trains(work, wave1):
     assert torch.load(work / "moe" / "ckpt.pt", weights_only=True)["model_args"]["ffn"] == "moe"
 
 
+def test_moe_trains_on_the_loss_plus_its_aux_loss(work):
+    """train_step's gradient for an MoE is that of loss + the weighted balance and z-losses (the reported loss is
+    the plain one). Adam's first moment after one step is (1 - beta1) x the gradient: the routers' match the
+    gradient of loss + aux, computed here by hand on the same micro-batches, and not that of the loss alone.
+    (Mutation caught: train_step backpropagating the loss without aux.)"""
+    cfg = train.configure([str(work / "tiny.py"), f"--data_dir={work / 'data'}", "--dataset=tiny", "--device=cpu",
+                           "--dtype=float32", "--ffn=moe", "--n_expert=4", "--grad_clip=0.0", "--moe_aux_weight=0.1",
+                           "--moe_z_weight=0.01"])
+    train.setup_distributed(cfg)
+    model = train.build_model(cfg)
+    reference = {"with aux": train.build_model(cfg), "loss only": train.build_model(cfg)}  # the same weights
+    optimizer, _ = train.build_optimizers(cfg, model)
+    loss, _ = train.train_step(cfg, model, optimizer, None, train.micro_batches(cfg, None, 0), 1e-3)
+    routers = lambda m: [b.ffn.router.weight for b in m.blocks]  # noqa: E731
+    got = torch.cat([optimizer.state[w]["exp_avg"].flatten() for w in routers(model)]) / (1 - cfg.beta1)
+    batches = train.micro_batches(cfg, None, 0)
+    micro = [next(batches)[:2] for _ in range(cfg.micro_steps)]
+    for kind, ref in reference.items():
+        for x, y in micro:
+            _, ref_loss, aux = ref(x, y, return_aux=True)
+            ((ref_loss + aux if kind == "with aux" else ref_loss) / cfg.micro_steps).backward()
+        reference[kind] = torch.cat([w.grad.flatten() for w in routers(ref)])
+    torch.testing.assert_close(got, reference["with aux"], rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(got, reference["loss only"], rtol=1e-2, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the settings parser, in process (the subprocess tests above cover how its errors reach the user)
 
