@@ -36,7 +36,7 @@ out_dir = "out"  # reads out_dir/ckpt.pt, writes out_dir/eval.json
 data_dir = ""  # the val split and meta.json (which names the tokenizer) are in data_dir/dataset; "": the checkpoint's
 dataset = ""  # "": the checkpoint's
 parts = "bpb,position,passkey"  # which of these to run (comma separated); the mc part runs when --mc names files
-max_tokens = 0  # bpb and position: score the first this many val tokens; 0: all of them
+max_tokens = 65536  # bpb and position: score the first this many val tokens (a fixed share, as nanochat); 0: all
 batch_size = 8  # sequences per forward pass
 mc = ""  # multiple-choice task files, comma separated; each is keyed in eval.json by its name without extension
 limit = 0  # mc: score the first this many items of each file; 0: all
@@ -47,7 +47,7 @@ passkey_trials = 10  # passkey: prompts per (length, depth), each with its own n
 passkey_digits = 5  # passkey: digits of the number
 seed = 1337  # passkey: the numbers and where the filler is taken from
 device = "cuda" if torch.cuda.is_available() else "cpu"  # "cpu", "cuda", "cuda:1", ...
-dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"  # or "float16"
 stem_offload = False  # leave the STEM table in host memory and fetch the rows each batch reads (stem_offload.py)
 # ----------------------------------------------------------------------------------------------------------
 PARTS = ("bpb", "position", "passkey")
@@ -68,9 +68,8 @@ def split_list(text, kind, key):
 
 def validate(cfg):
     configurator.check_device(cfg.device)
-    cfg.parts = split_list(cfg.parts, str, "parts")
-    cfg.mc, cfg.passkey_depths = split_list(cfg.mc, str, "mc"), split_list(cfg.passkey_depths, float, "passkey_depths")
-    cfg.passkey_lengths = split_list(cfg.passkey_lengths, int, "passkey_lengths")
+    for key, kind in dict(parts=str, mc=str, passkey_depths=float, passkey_lengths=int).items():
+        setattr(cfg, key, split_list(getattr(cfg, key), kind, key))
     if set(cfg.parts) - set(PARTS) or not (cfg.parts or cfg.mc):
         raise ConfigError(f"parts must name some of {', '.join(PARTS)} (or give --mc files), got {cfg.parts}")
     lows = dict(batch_size=1, passkey_trials=1, passkey_digits=1, max_tokens=0, limit=0, position_bucket=0)
