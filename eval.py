@@ -1,5 +1,6 @@
 """
-Score a checkpoint the way the STEM paper states its claims (out_dir/ckpt.pt from train.py: STEM, SwiGLU, MoE):
+Score a checkpoint (out_dir/ckpt.pt from train.py: STEM, SwiGLU, MoE) the way the STEM paper states its claims;
+write out_dir/eval.json and print a table. Settings work as in train.py (configurator.py): --key=value, --help.
 
     python eval.py --out_dir=out                                   # bpb, loss by position, passkey
     python eval.py --out_dir=out --mc=arc_easy.parquet,obqa.jsonl --limit=500 --parts=bpb
@@ -10,7 +11,6 @@ position  the same windows: mean loss by position, and the distinct tokens so fa
 passkey   a number hidden at a depth of val-split filler, asked for at the end; greedy, with the KV cache.
 mc        task files (.jsonl or .parquet Hugging Face exports of HellaSwag, ARC, OpenBookQA, PIQA, told apart by
           their fields), scored as lm-evaluation-harness scores them: acc, acc_norm.
-Writes out_dir/eval.json and prints a table. Settings work as in train.py (configurator.py): --key=value, --help.
 """
 
 import json
@@ -50,7 +50,7 @@ device = "cuda" if torch.cuda.is_available() else "cpu"  # "cpu", "cuda", "cuda:
 dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"  # or "float16"
 stem_offload = False  # leave the STEM table in host memory and fetch the rows each batch reads (stem_offload.py)
 # ----------------------------------------------------------------------------------------------------------
-PARTS = ("bpb", "position", "passkey")
+SETTINGS = configurator.defaults_of(globals())  # before the constants below, which are not settings
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = " What is the pass key? The pass key is"
 # a task file's format, told by the fields of its items (the Hugging Face exports of each task)
@@ -59,19 +59,15 @@ FORMATS = {"hellaswag": ("activity_label", "ctx_a", "ctx_b", "endings", "label")
            "piqa": ("goal", "sol1", "sol2", "label")}
 
 
-def split_list(text, kind, key):
-    try:
-        return [kind(v.strip()) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"{key} must be comma separated {kind.__name__}s, got {text!r}") from None
-
-
 def validate(cfg):
     configurator.check_device(cfg.device)
-    for key, kind in dict(parts=str, mc=str, passkey_depths=float, passkey_lengths=int).items():
-        setattr(cfg, key, split_list(getattr(cfg, key), kind, key))
-    if set(cfg.parts) - set(PARTS) or not (cfg.parts or cfg.mc):
-        raise ConfigError(f"parts must name some of {', '.join(PARTS)} (or give --mc files), got {cfg.parts}")
+    for key, kind in dict(parts=str, mc=str, passkey_depths=float, passkey_lengths=int).items():  # comma separated
+        try:
+            setattr(cfg, key, [kind(v.strip()) for v in getattr(cfg, key).split(",") if v.strip()])
+        except ValueError:
+            raise ConfigError(f"{key} must be comma separated {kind.__name__}s, got {getattr(cfg, key)!r}") from None
+    if set(cfg.parts) - {"bpb", "position", "passkey"} or not (cfg.parts or cfg.mc):
+        raise ConfigError(f"parts must name some of bpb, position, passkey (or give --mc files), got {cfg.parts}")
     lows = dict(batch_size=1, passkey_trials=1, passkey_digits=1, max_tokens=0, limit=0, position_bucket=0)
     for key, low in lows.items():
         if getattr(cfg, key) < low:
@@ -165,14 +161,12 @@ def task_format(path, item):
         if isinstance(item, dict) and all(f in item for f in fields):
             if name != "arc" or isinstance(item["question"], str):  # the raw ARC files nest it: not the export
                 return name
-    known = "; ".join(f"{n}: {', '.join(fs)}" for n, fs in FORMATS.items())
     got = f"the fields {', '.join(sorted(item))}" if isinstance(item, dict) else f"a {type(item).__name__}"
-    raise ConfigError(f"{path} is in no known format (its items have {got}); expected the fields of {known} "
-                      f"(ARC's question is text)")
+    raise ConfigError(f"{path} is in no known format (its items have {got}); expected the fields of " +
+                      "; ".join(f"{n}: {', '.join(fs)}" for n, fs in FORMATS.items()) + " (ARC's question is text)")
 
 
-def hellaswag_text(text):
-    """lm-evaluation-harness's HellaSwag preprocessing (the brackets are WikiHow artifacts)."""
+def hellaswag_text(text):  # lm-evaluation-harness's HellaSwag preprocessing (the brackets are WikiHow artifacts)
     return re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". ")).replace("  ", " ")
 
 
@@ -218,7 +212,8 @@ def mean_stderr(xs):  # lm-evaluation-harness's: the sample standard deviation o
     return m, math.sqrt(sum((v - m) ** 2 for v in xs) / (len(xs) - 1) / len(xs)) if len(xs) > 1 else None
 
 
-def run_task(cfg, model, rows_fn, enc, path):
+def load_task(cfg, path):
+    """(name, format, [(context, choices, gold)]) of a task file; every item is checked before any is scored."""
     items = read_items(path)[:cfg.limit or None]
     if not items:
         raise ConfigError(f"{path} holds no items")
@@ -233,7 +228,10 @@ def run_task(cfg, model, rows_fn, enc, path):
                               f"answerKey {item.get('label', item.get('answerKey'))!r}); test splits hide theirs: "
                               f"use the validation split")
         reqs.append((ctx, choices, gold))
-    name = os.path.splitext(os.path.basename(path))[0]
+    return os.path.splitext(os.path.basename(path))[0], fmt, reqs
+
+
+def run_task(cfg, model, rows_fn, enc, name, fmt, reqs):
     scores = iter(choice_scores(cfg, model, rows_fn, enc, [(c, ch) for c, chs, _ in reqs for ch in chs], name))
     acc, acc_norm = [], []
     for ctx, choices, gold in reqs:
@@ -241,7 +239,7 @@ def run_task(cfg, model, rows_fn, enc, path):
         acc.append(float(max(range(len(s)), key=lambda j: s[j]) == gold))  # the first of equal scores, as argmax
         acc_norm.append(float(max(range(len(s)), key=lambda j: s[j] / max(1, len(choices[j]))) == gold))
     (a, a_se), (an, an_se) = mean_stderr(acc), mean_stderr(acc_norm)
-    return name, dict(format=fmt, n=len(reqs), acc=a, acc_stderr=a_se, acc_norm=an, acc_norm_stderr=an_se,
+    return dict(format=fmt, n=len(reqs), acc=a, acc_stderr=a_se, acc_norm=an, acc_norm_stderr=an_se,
                       chance=sum(1 / len(c) for _, c, _ in reqs) / len(reqs))
 
 
@@ -311,8 +309,10 @@ def table(res):
 
 
 def main(argv):
-    cfg = configurator.configure(globals(), argv, choices={"dtype": ("float32", "bfloat16", "float16")})
+    cfg = configurator.configure({**SETTINGS, "__file__": __file__, "__doc__": __doc__}, argv,
+                                 choices={"dtype": ("float32", "bfloat16", "float16")})
     validate(cfg)
+    tasks = [load_task(cfg, p) for p in cfg.mc]  # a bad task file stops the run here, before any scoring
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     model, ckpt, rows_fn = checkpoint.load_for_inference(path, cfg.device, cfg.stem_offload)
     saved = ckpt.get("config", {})
@@ -320,23 +320,20 @@ def main(argv):
     enc = tokenizer_of(folder, path)
     cfg.autocast = torch.autocast(torch.device(cfg.device).type, getattr(torch, cfg.dtype),
                                   enabled=cfg.dtype != "float32")
-    res = dict(checkpoint=path, data=folder, seconds={}, model={k: getattr(model.config, k) for k in ("ffn", "n_layer",
+    res = dict(checkpoint=path, data=folder, model={k: getattr(model.config, k) for k in ("ffn", "n_layer",
                "n_embd", "block_size")} | dict(iter_num=ckpt.get("iter_num"), params=model.num_params()))
-    ckpt = None  # let the checkpoint's optimizer state go
     if cfg.parts and not os.path.exists(os.path.join(folder, "val.bin")):
         raise ConfigError(f"no val split at {folder}/val.bin: run prepare.py, or set --data_dir/--dataset")
     data = prepare.read_tokens(folder, "val") if cfg.parts else None
     t0 = time.time()
+    if "passkey" in cfg.parts:  # the quick parts first: a setting that does not fit fails in seconds
+        res["passkey"] = passkey(cfg, model, rows_fn, enc, data)
+    if tasks:
+        res["mc"] = {task[0]: run_task(cfg, model, rows_fn, enc, *task) for task in tasks}
     if {"bpb", "position"} & set(cfg.parts):  # one pass gives both
         bpb, position = val_pass(cfg, model, rows_fn, data, token_bytes(enc, model.config.vocab_size))
         res.update(bpb, position=position)
-        res["seconds"]["bpb_position"], t0 = time.time() - t0, time.time()
-    if cfg.mc:
-        res["mc"] = dict(run_task(cfg, model, rows_fn, enc, p) for p in cfg.mc)
-        res["seconds"]["mc"], t0 = time.time() - t0, time.time()
-    if "passkey" in cfg.parts:
-        res["passkey"] = passkey(cfg, model, rows_fn, enc, data)
-        res["seconds"]["passkey"] = time.time() - t0
+    res["seconds"] = round(time.time() - t0, 1)  # scoring, after loading
     out = os.path.join(cfg.out_dir, "eval.json")
     with open(out + ".tmp", "w") as f:  # temp name, then rename: a kill leaves the old file or the new one
         json.dump(res, f, indent=1)
