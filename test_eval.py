@@ -395,3 +395,21 @@ def test_bad_input_is_one_line(work, tmp_path, capsys, args, needles):
     assert e.value.code == 1 and len(err.strip().splitlines()) == 1, err
     for needle in needles:
         assert needle in err, err
+
+
+@pytest.mark.parametrize("ffn", ["swiglu", "moe"])
+def test_other_ffns_and_offload_without_a_table(work, ffn, capsys):
+    """SwiGLU and MoE checkpoints score too (untrained here: their loss is that of a near-uniform guess, ln V);
+    asking them for --stem_offload is refused in one line."""
+    config = GPTConfig(vocab_size=50304, block_size=64, n_layer=2, n_head=2, n_embd=32, d_ff=64, ffn=ffn, n_expert=4)
+    torch.manual_seed(0)
+    (work / ffn).mkdir()
+    checkpoint.save(str(work / ffn / "ckpt.pt"), {"model": GPT(config).state_dict(), "iter_num": 0,
+                    "model_args": dataclasses.asdict(config), "config": {"data_dir": str(work / "data"),
+                                                                          "dataset": "tiny"}})
+    res = run(f"--out_dir={work / ffn}", "--parts=bpb,position", "--max_tokens=500")
+    assert res["model"]["ffn"] == ffn and abs(res["val_loss"] - math.log(50304)) < 0.1
+    assert all(p["stem_params"] == 0 for p in res["position"])
+    with pytest.raises(SystemExit):
+        configurator.run_main(lambda: run(f"--out_dir={work / ffn}", "--stem_offload=True"), "eval.py")
+    assert f"has no STEM table (ffn={ffn})" in capsys.readouterr().err
