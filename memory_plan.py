@@ -3,13 +3,18 @@ What a training run keeps in memory, counted before anything is allocated (the m
 device). train.py prints it at the start of a run; `python train.py --plan=True` prints it and stops, and with
 --plan_gpu_gb=80 also names the largest batch_size that fits a GPU of that size.
 
-Bytes per parameter: dense weights 4 + gradient 4 + AdamW moments 8. A STEM table parameter: the weight and the
+Bytes per parameter: dense weights 4 + AdamW moments 8, and a gradient of 4 while a step runs. A STEM table parameter: the weight and the
 first moment in stem_dtype (4 or 2 each) and the second moment, 4 per element (stem_state=full) or 4 per row
 (rowwise): 12 bytes for float32/full, about 4 for bfloat16/rowwise. Rows of a step are counted at their upper
 bound (every position a distinct token); real text touches far fewer (see bench.py's capacity table).
+The step's rows grow with gradient_accumulation_steps: the micro-steps' rows are merged as they come, so a
+step holds the union of all its micro-batches' distinct tokens, up to the whole table for big batches (40
+micro-steps of 12 x 1024 tokens touch nearly every GPT-2 token).
 Activations: what autograd saves per position, about 11 [n_embd] and 4 [d_ff] tensors a layer (measured with
-saved-tensor hooks, see test_train.py), plus the [vocab] log-softmax, and during the backward the logits and
-their gradient. Under bfloat16 autocast the [d_ff] tensors take 2 bytes (checked on a CPU only for float32).
+saved-tensor hooks, see test_train.py), plus the [vocab] log-softmax, and at the start of the backward two more
+[tokens, vocab] tensors, the gradients of the loss's log-softmax and of the logits (train_step does not keep the
+logits). Under bfloat16 autocast the [d_ff] tensors take 2 bytes. test_train.py checks the whole of a step
+against the peak resident memory of a real one, on a CPU in float32.
 """
 
 import torch
@@ -36,7 +41,8 @@ def plan(cfg, batch_size=None):
     table = model.stem_table.numel() if model.stem_table is not None else 0
     dense = model.num_params() - table
     rows = []
-    rows.append(("dense weights + gradients + AdamW moments", 16 * dense, 0))
+    rows.append(("dense weights + AdamW moments", 12 * dense, 0))
+    rows.append(("dense gradients (during a step)", 4 * dense, 0))
     if table:
         V, W = model.stem_table.shape
         tb = 2 if cfg.stem_dtype == "bfloat16" else 4
@@ -76,8 +82,10 @@ def largest_batch(cfg, gpu_bytes):
 def report(cfg):
     rows = plan(cfg)
     width = max(len(r[0]) for r in rows) + 2
+    micro = max(1, cfg.gradient_accumulation_steps // getattr(cfg, "world_size", 1))
     lines = [f"memory plan ({'offload' if cfg.stem_offload else 'on the device'}, table {cfg.stem_dtype}/"
-             f"{cfg.stem_state}):", f"  {'':{width}}{'device':>10}{'host':>10}"]
+             f"{cfg.stem_state}; batch_size {cfg.batch_size} x block_size {cfg.block_size}, {micro} micro-steps a "
+             f"step, {cfg.dtype}):", f"  {'':{width}}{'device':>10}{'host':>10}"]
     for what, device, host in rows + [("total", sum(r[1] for r in rows), sum(r[2] for r in rows))]:
         lines.append(f"  {what:{width}}{device / GB:>8.2f}GB{host / GB:>8.2f}GB")
     if getattr(cfg, "plan_gpu_gb", 0):

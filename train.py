@@ -260,7 +260,8 @@ def train_step(cfg, model, optimizer, rows_opt, batches, lr):
         # DDP averages gradients over ranks in the backward; only the last micro-step needs that
         with model.no_sync() if cfg.ddp and micro < cfg.micro_steps - 1 else nullcontext():
             with cfg.autocast:
-                _, loss, aux = model(X, Y, stem_rows=rows, return_aux=True)
+                loss, aux = model(X, Y, stem_rows=rows, return_aux=True)[1:]  # the logits are not kept: alive
+                # through the backward they would be a third [tokens, vocab] tensor at its peak
             ((loss + aux) / cfg.micro_steps).backward()  # MoE trains on loss + aux; reported is loss
         if rows_opt is not None:
             rows_opt.accumulate(rows)  # merged at once: what waits is one step's distinct rows
