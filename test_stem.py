@@ -440,8 +440,9 @@ from stem_sparse import SparseRowAdamW
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 torch.manual_seed(0)
-table = torch.nn.Parameter(torch.randn(20, 6))
-opt = SparseRowAdamW(table, weight_decay=0.1)
+table = torch.nn.Parameter(torch.randn(20, 6).to({dtype}))
+opt = SparseRowAdamW(table, weight_decay=0.1, state={state!r})
+torch.manual_seed(1000 + rank)  # as train.py seeds each rank's generator (for dropout): they differ
 g = torch.Generator().manual_seed(100 + rank)        # each rank sees different ids, some shared
 for step in range(3):
     for micro in range(2):
@@ -461,10 +462,15 @@ dist.destroy_process_group()
 """
 
 
-def test_ddp_ranks_keep_identical_tables(tmp_path):
+@pytest.mark.parametrize("dtype,state", [("torch.float32", "full"), ("torch.bfloat16", "rowwise")])
+def test_ddp_ranks_keep_identical_tables(tmp_path, dtype, state):
+    """2 gloo ranks, 3 steps of 2 micro-steps with different rows on each rank: the replicas' tables stay
+    bit-identical (for a bf16 table too: the stochastic rounding's noise is a hash of the row and its step, the
+    same on every rank), and equal one process applying the rank-averaged gradients. (Mutations caught: noise
+    drawn from a per-process generator; a sync without the division by the world size.)"""
     script = tmp_path / "ddp_rows.py"
     out = tmp_path / "tables.pt"
-    script.write_text(DDP_SCRIPT.format(repo=str(HERE), out=str(out)))
+    script.write_text(DDP_SCRIPT.format(repo=str(HERE), out=str(out), dtype=dtype, state=state))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(script)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -473,8 +479,8 @@ def test_ddp_ranks_keep_identical_tables(tmp_path):
     assert torch.equal(t0, t1)
     # and it equals one process applying the rank-averaged gradients of both ranks' micro-steps
     torch.manual_seed(0)
-    table = torch.nn.Parameter(torch.randn(20, 6))
-    ref = SparseRowAdamW(table, weight_decay=0.1)
+    table = torch.nn.Parameter(torch.randn(20, 6).to(eval(dtype)))
+    ref = SparseRowAdamW(table, weight_decay=0.1, state=state)
     gens = [torch.Generator().manual_seed(100 + r) for r in range(2)]
     for step in range(3):
         grads = {}
@@ -489,6 +495,8 @@ def test_ddp_ranks_keep_identical_tables(tmp_path):
             assert torch.equal(saved["first_grad"][0], ids)
             torch.testing.assert_close(saved["first_grad"][1], ref.grad[1], rtol=1e-6, atol=1e-7)
         ref.step(1e-2)
+    if dtype == "torch.bfloat16":  # the same bits: the merged gradients are the same sums, the noise the same hash
+        assert t0.dtype == torch.bfloat16 and torch.equal(t0, table.detach())
     torch.testing.assert_close(t0, table.detach(), rtol=1e-6, atol=1e-7)
 
 
