@@ -649,3 +649,22 @@ def test_table_decay_is_dense_adamws_at_evaluation_and_in_the_checkpoint(tmp_pat
     assert decay < 0.95  # the untouched rows really decayed: by 6%, far above the tolerance below
     for name in ("lookup", "checkpoint"):
         torch.testing.assert_close(tables[name], dense, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_each_step_draws_its_own_batches_and_a_resume_redraws_them(work):
+    """micro_batches draws new windows for every micro-step of every step (all 8 batches of 4 steps differ), and
+    starting at step k (what a resumed run does) yields exactly the batches the run from step 0 had at step k.
+    (Mutation caught: windows drawn from (seed, stream) without the step, the same batch every step, which the
+    exact-resume tests cannot see: a resumed run then redraws the same batch too.)"""
+    cfg = train.configure([str(work / "tiny.py"), f"--data_dir={work / 'data'}", "--dataset=tiny", "--device=cpu"])
+    train.setup_distributed(cfg)
+    from_start = train.micro_batches(cfg, None, 0)
+    batches = [next(from_start) for _ in range(4 * cfg.micro_steps)]
+    xs = {tuple(x.flatten().tolist()) for x, _, _ in batches}
+    assert len(xs) == len(batches)
+    for k in (1, 3):
+        resumed = train.micro_batches(cfg, None, k)
+        for micro in range(cfg.micro_steps):
+            x, y, _ = next(resumed)
+            assert torch.equal(x, batches[k * cfg.micro_steps + micro][0])
+            assert torch.equal(y, batches[k * cfg.micro_steps + micro][1])
