@@ -226,7 +226,7 @@ def time_steps(kind, specs):
         out[s] = {"ms": medians[s] * 1e3, "times_ms": [t * 1e3 for t in times[s]], "tokens_per_s": tps,
                   "mfu": r.model.estimate_mfu(tps, device, seq_len=T), "params": r.model.num_params(),
                   "active": r.model.active_params_per_token(), "flops_per_token": r.model.flops_per_token(T),
-                  "loss": r.losses[-1]}
+                  "loss": r.losses[-1], "losses": r.losses}
     if profile:
         out["profile"] = profile_ops({s: r.step for s, r in runs.items()}, f"{kind} profile")
     return out
