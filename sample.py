@@ -51,15 +51,6 @@ def validate(cfg):
         raise ConfigError(f"top_k must be at least 1, or None for no cut, got {cfg.top_k}")
 
 
-def load_model(cfg):
-    path = os.path.join(cfg.out_dir, "ckpt.pt")
-    model, _ = checkpoint.load_model(path)
-    if cfg.stem_offload and model.stem_table is None:
-        raise ConfigError(f"--stem_offload: the model in {path} has no STEM table (ffn={model.config.ffn})")
-    model.stem_table_on_host = cfg.stem_offload  # .to(device) then leaves the table in host memory
-    return model.to(cfg.device)
-
-
 def read_prompt(cfg, enc):
     text = cfg.start
     if text.startswith("FILE:"):
@@ -74,14 +65,11 @@ def read_prompt(cfg, enc):
     return ids
 
 
-def rows_source(cfg, model, enc, ids):
+def rows_source(cfg, model, enc, ids, rows_fn):
     """Where generate() gets the STEM rows of the tokens it feeds: None reads the model's own table; with
-    stem_offload, rows come from host memory through a small device cache; --edit (knowledge_edit.py) makes
-    the positions that spell SOURCE read TARGET's rows, taken from the same place as every other row."""
-    rows_fn = None
-    if cfg.stem_offload:
-        from stem_offload import HostRowFetcher  # here: the module's name is also a setting's name
-        rows_fn = HostRowFetcher(model.stem_table, cfg.device)
+    stem_offload, rows_fn (checkpoint.load_for_inference's) brings them from host memory through a small device
+    cache; --edit (knowledge_edit.py) makes the positions that spell SOURCE read TARGET's rows, taken from the
+    same place as every other row."""
     if cfg.edit:
         check_model(model)
         edits = make_edits(cfg.edit, enc)
@@ -98,11 +86,12 @@ def main(argv):
     validate(cfg)
     enc = load_tokenizer()
     ids = read_prompt(cfg, enc)
-    model = load_model(cfg)
+    model, _, rows_fn = checkpoint.load_for_inference(os.path.join(cfg.out_dir, "ckpt.pt"), cfg.device,
+                                                      cfg.stem_offload)
     if len(ids) > model.config.block_size:
         raise ConfigError(f"the prompt is {len(ids)} tokens, longer than the model's block_size "
                           f"{model.config.block_size}: shorten it")
-    rows_fn = rows_source(cfg, model, enc, ids)
+    rows_fn = rows_source(cfg, model, enc, ids, rows_fn)
     torch.manual_seed(cfg.seed)
     dtype = getattr(torch, cfg.dtype)
     autocast = nullcontext() if cfg.dtype == "float32" else torch.autocast(torch.device(cfg.device).type, dtype)
