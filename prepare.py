@@ -586,7 +586,12 @@ class Output:
         self.made = [p for p in [self.folder, *self.folder.parents] if not p.exists()]
         self.folder.mkdir(parents=True, exist_ok=True)
         self.tmp = {f: self.folder / f"{f}.tmp{os.getpid()}" for f in ("train.bin", "val.bin", "meta.json")}
-        self.files = [open(self.tmp["train.bin"], "wb"), open(self.tmp["val.bin"], "wb")]
+        self.files = []
+        try:
+            self.files += [open(self.tmp["train.bin"], "wb"), open(self.tmp["val.bin"], "wb")]
+        except BaseException:  # e.g. Ctrl-C between the two: the caller has no Output to abort yet
+            self.abort()
+            raise
         self.tokens, self.bytes = [0, 0], 0
         self.last_train_doc, self.at_doc_start = 0, True  # where the latest train document began, in tokens
 
