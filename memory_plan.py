@@ -15,6 +15,11 @@ saved-tensor hooks, see test_train.py), plus the [vocab] log-softmax, and at the
 [tokens, vocab] tensors, the gradients of the loss's log-softmax and of the logits (train_step does not keep the
 logits). Under bfloat16 autocast the [d_ff] tensors take 2 bytes. test_train.py checks the whole of a step
 against the peak resident memory of a real one, on a CPU in float32.
+
+Under torchrun the plan is one rank's (world_size from torchrun, or plan_world_size with --plan=True): its share
+of the micro-steps, and with stem_shard its ceil(vocab / world) rows of the table and their state. A sharded rank
+also holds the rows it serves the others and their gradients: at most every rank's distinct ids that fall in its
+shard (test_shard.py checks the table and state against the tensors of real ranks).
 """
 
 import torch
@@ -31,13 +36,20 @@ def saved_activation_bytes(c, positions, dtype):
     return positions * per_position
 
 
+def world_size(cfg):
+    """The processes planned for: torchrun's, or plan_world_size when planning without it."""
+    world = getattr(cfg, "world_size", 1)
+    return world if world > 1 else getattr(cfg, "plan_world_size", 1)
+
+
 def plan(cfg, batch_size=None):
-    """[(what, device bytes, host bytes)] for a run with settings cfg (train.py's), at batch_size."""
+    """[(what, device bytes, host bytes)] for one rank of a run with settings cfg (train.py's), at batch_size."""
     with torch.device("meta"):
         model = GPT(GPTConfig(**{k: getattr(cfg, k) for k in GPTConfig.__dataclass_fields__}))
     c = model.config
-    B = batch_size or cfg.batch_size
-    positions, micro = B * cfg.block_size, max(1, cfg.gradient_accumulation_steps // getattr(cfg, "world_size", 1))
+    B, world = batch_size or cfg.batch_size, world_size(cfg)
+    shard = getattr(cfg, "stem_shard", False)
+    positions, micro = B * cfg.block_size, max(1, cfg.gradient_accumulation_steps // world)
     table = model.stem_table.numel() if model.stem_table is not None else 0
     dense = model.num_params() - table
     rows = []
@@ -46,14 +58,32 @@ def plan(cfg, batch_size=None):
     if table:
         V, W = model.stem_table.shape
         tb = 2 if cfg.stem_dtype == "bfloat16" else 4
+        if shard:  # this rank's rows only (the largest shard: ceil(V / world))
+            V = -(-V // world)
+            table = V * W
         if cfg.stem_optim == "dense":
             state = 12 * table  # gradient and two fp32 moments, the whole table every step
         else:
             state = tb * table + (4 * V if cfg.stem_state == "rowwise" else 4 * table) + 16 * V  # + row_step, row_decay
         where = (lambda n: (0, n)) if cfg.stem_offload else (lambda n: (n, 0))
-        rows.append(("STEM tables", *where(tb * table)))
+        rows.append((f"STEM tables{f' (1/{world}: {V:,} rows)' if shard else ''}", *where(tb * table)))
         rows.append(("STEM table optimizer state", *where(state)))
-        if cfg.stem_optim == "sparse":
+        if shard:
+            vocab = model.stem_table.size(0)
+            step_rows = min(vocab, micro * positions)  # this rank's step, merged as it comes
+            mine = 3 * min(vocab, positions) + step_rows  # its rows, their gradient, the prefetched batch's
+            served = world * min(V, positions) + world * min(V, step_rows) + min(V, world * step_rows)  # rows it
+            # serves (one batch's for every rank), the gradients it receives for them, and their merge
+            update = 6 * min(V, world * step_rows, 4096) * W * 4
+            rows.append(("rows this rank reads (at most)", mine * W * tb, 0))
+            merged = min(V, world * step_rows) * W * tb  # with offload: copied to host memory for the update
+            rows.append(("rows it serves, their gradients (at most)", served * W * tb,
+                         merged + update if cfg.stem_offload else 0))
+            if not cfg.stem_offload:
+                rows.append(("update temporaries", update, 0))
+            else:
+                rows.append(("pinned staging for row copies", 0, 2 * world * min(V, positions) * W * tb))
+        elif cfg.stem_optim == "sparse":
             step_rows = min(V, micro * positions)  # at most: every position a distinct token
             buffers = (2 * min(V, positions) + step_rows) * W * tb  # rows, their gradient; the step's merge
             update = 6 * min(step_rows, 4096) * W * 4  # fp32 temporaries of the update, 4096 rows at a time
@@ -82,8 +112,10 @@ def largest_batch(cfg, gpu_bytes):
 def report(cfg):
     rows = plan(cfg)
     width = max(len(r[0]) for r in rows) + 2
-    micro = max(1, cfg.gradient_accumulation_steps // getattr(cfg, "world_size", 1))
-    lines = [f"memory plan ({'offload' if cfg.stem_offload else 'on the device'}, table {cfg.stem_dtype}/"
+    world = world_size(cfg)
+    micro = max(1, cfg.gradient_accumulation_steps // world)
+    ranks = "" if world == 1 else f"one rank of {world}, {'table sharded' if cfg.stem_shard else 'table replicated'}; "
+    lines = [f"memory plan ({ranks}{'offload' if cfg.stem_offload else 'on the device'}, table {cfg.stem_dtype}/"
              f"{cfg.stem_state}; batch_size {cfg.batch_size} x block_size {cfg.block_size}, {micro} micro-steps a "
              f"step, {cfg.dtype}):", f"  {'':{width}}{'device':>10}{'host':>10}"]
     for what, device, host in rows + [("total", sum(r[1] for r in rows), sum(r[2] for r in rows))]:

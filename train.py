@@ -4,6 +4,7 @@ Train a GPT whose FFNs are STEM (default), SwiGLU or MoE, on one process or seve
     python train.py                                     # a small STEM model on data/shakespeare, on a CPU
     python train.py config/train_gpt2_small_stem.py     # a preset file, then --key=value overrides
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2_small_stem.py
+    torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2_small_stem.py --stem_shard=True  # table split
 
 Every name in the settings block is a key (`--help` lists them). Data: prepare.py's data_dir/dataset/*.bin.
 out_dir gets log.jsonl (losses, a JSON object a line) and ckpt.pt (checkpoint.py). init_from=resume continues
@@ -91,12 +92,14 @@ stem_dtype = "float32"  # table (and first moment) dtype: "float32" or "bfloat16
 stem_state = "full"  # second moment: "full" per element, or "rowwise", one per row (sparse only)
 stem_rounding = "stochastic"  # bfloat16 table: "stochastic" rounding of updates, or "nearest" (loses small ones)
 stem_offload = False  # keep the table and its optimizer state in host memory (stem_offload.py); sparse only
+stem_shard = False  # under torchrun: each rank owns 1/world of the table's rows and their state (stem_shard.py)
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"  # "cpu", "cuda", "cuda:1", ...
 dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"  # no float16
 compile = False  # torch.compile the model (slow to start; worth it on a GPU)
 plan = False  # print the memory plan (memory_plan.py) and stop, allocating nothing
 plan_gpu_gb = 0.0  # with plan: a GPU's memory in GB, e.g. 80, to name the largest batch_size that fits
+plan_world_size = 1  # with plan: plan one rank of this many processes (torchrun's nproc_per_node x nodes)
 seed = 1337
 # ----------------------------------------------------------------------------------------------------------
 DEFAULTS = configurator.defaults_of(globals())
@@ -105,8 +108,8 @@ CHOICES = {"init_from": ("scratch", "resume"), "stem_optim": ("sparse", "dense")
            "dtype": ("float32", "bfloat16"), "stem_clip": ("joint", "separate"), "stem_dtype": ("float32", "bfloat16"),
            "stem_state": ("full", "rowwise"), "stem_rounding": ("stochastic", "nearest")}
 MODEL_KEYS = [f.name for f in dataclasses.fields(GPTConfig)]
-MACHINE_KEYS = ("init_from", "out_dir", "device", "dtype", "compile", "stem_kernel", "stem_offload", "plan",
-                "plan_gpu_gb")  # a resumed run takes these from its command line, never from the checkpoint
+MACHINE_KEYS = ("init_from", "out_dir", "device", "dtype", "compile", "stem_kernel", "stem_offload", "stem_shard",
+                "plan", "plan_gpu_gb", "plan_world_size")  # a resumed run takes these from its command line, never from the checkpoint
 
 
 def configure(argv):
@@ -119,15 +122,18 @@ def configure(argv):
 
 def validate(cfg):
     for key, low in dict(batch_size=1, block_size=1, gradient_accumulation_steps=1, eval_interval=1, eval_iters=1,
-                         log_interval=1, max_iters=0, warmup_iters=0, seed=0).items():
+                         log_interval=1, max_iters=0, warmup_iters=0, seed=0, plan_world_size=1).items():
         if getattr(cfg, key) < low:
             raise ConfigError(f"{key} must be at least {low}, got {getattr(cfg, key)}")
     if cfg.stem_layers is not None and not all(type(l) is int for l in cfg.stem_layers):
         raise ConfigError(f"stem_layers must be a list of layer numbers, got {cfg.stem_layers!r}")
-    GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS})  # its own checks (ffn, stem_layers, heads), early
-    for key, value in (("stem_offload", True), ("stem_state", "rowwise"), ("stem_dtype", "bfloat16")):
+    config = GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS})  # its own checks (ffn, stem_layers, heads), early
+    for key, value in (("stem_offload", True), ("stem_shard", True), ("stem_state", "rowwise"),
+                       ("stem_dtype", "bfloat16")):
         if getattr(cfg, key) == value and cfg.stem_optim != "sparse":
             raise ConfigError(f"{key}={value} needs stem_optim=sparse: only the row-wise optimizer has it")
+    if cfg.stem_shard and not config.stem_layers:
+        raise ConfigError(f"stem_shard=True splits the STEM table, but ffn={cfg.ffn} has none: drop --stem_shard")
     if not cfg.plan:  # a plan may be made for another machine
         configurator.check_device(cfg.device)
 
@@ -135,12 +141,18 @@ def validate(cfg):
 def setup_distributed(cfg):
     """Under torchrun: join the process group and pick this rank's device."""
     cfg.ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if cfg.stem_shard and not cfg.ddp:
+        raise ConfigError("stem_shard=True splits the table over torchrun's processes: run `torchrun --standalone "
+                          "--nproc_per_node=N train.py ... --stem_shard=True`, or drop --stem_shard")
     if cfg.ddp:
         cfg.world_size, cfg.rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
         cfg.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if cfg.stem_offload or cfg.gradient_accumulation_steps % cfg.world_size:
-            raise ConfigError(f"under torchrun, stem_offload must be False and gradient_accumulation_steps "
-                              f"({cfg.gradient_accumulation_steps}) divisible by the {cfg.world_size} processes")
+        if cfg.stem_offload and not cfg.stem_shard:
+            raise ConfigError("under torchrun, stem_offload=True needs stem_shard=True (each rank keeps its part of "
+                              "the table in host memory); a whole table per process would be one copy per GPU")
+        if cfg.gradient_accumulation_steps % cfg.world_size:
+            raise ConfigError(f"under torchrun, gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) "
+                              f"must be divisible by the {cfg.world_size} processes")
         if torch.device(cfg.device).type == "cuda":
             cfg.device = f"cuda:{cfg.local_rank}"
             torch.cuda.set_device(cfg.device)
@@ -204,11 +216,19 @@ def micro_batches(cfg, rows_opt, step, draw=None):
 
 def build_model(cfg, ckpt=None):
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run with this seed
-    model = GPT(GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS}))
-    if model.stem_table is not None:
-        model.stem_table.data = model.stem_table.data.to(getattr(torch, cfg.stem_dtype))
+    config, table_dtype = GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS}), getattr(torch, cfg.stem_dtype)
+    if cfg.stem_shard:  # only this rank's rows of the table: drawn as GPT would, or read from the checkpoint
+        from stem_shard import sharded_gpt  # here: the module's name is also a setting's name
+        model = sharded_gpt(config, cfg.rank, cfg.world_size, table_dtype, ckpt and ckpt["model"]["stem_table"])
+    else:
+        model = GPT(config)
+        if model.stem_table is not None:
+            model.stem_table.data = model.stem_table.data.to(table_dtype)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        state = ckpt["model"]
+        if cfg.stem_shard:  # the checkpoint's whole table is not this model's: its rows are in already
+            state = {**state, "stem_table": model.stem_table.detach()}
+        model.load_state_dict(state)
     model.stem_kernel = cfg.stem_kernel
     model.stem_table_on_host = cfg.stem_offload  # .to(device) then leaves the table in host memory
     return model.to(cfg.device)
@@ -221,7 +241,11 @@ def build_optimizers(cfg, model, ckpt=None):
     if model.stem_table is not None and cfg.stem_optim == "sparse":
         kwargs = dict(lr_mult=cfg.stem_lr_mult, weight_decay=cfg.stem_weight_decay, betas=(cfg.beta1, cfg.beta2),
                       state=cfg.stem_state, rounding=cfg.stem_rounding, seed=cfg.seed)
-        if cfg.stem_offload:
+        if cfg.stem_shard:  # every rank together: the row optimizers make the table's process group
+            from stem_shard import ShardedOffloadedRowAdamW, ShardedRowAdamW
+            sharded = ShardedOffloadedRowAdamW if cfg.stem_offload else ShardedRowAdamW
+            rows_opt = sharded(model.stem_table, cfg.vocab_size, cfg.device, **kwargs)
+        elif cfg.stem_offload:
             from stem_offload import OffloadedRowAdamW  # here: the module's name is also a setting's name
             rows_opt = OffloadedRowAdamW(model.stem_table, cfg.device, **kwargs)
         else:
@@ -293,12 +317,16 @@ def estimate_loss(cfg, model, rows_opt):
     """Mean loss over eval_iters batches per split. DDP ranks share the batches out, so it equals one process's."""
     model.eval()
     out = {}  # split -> mean loss
+    rounds = -(-cfg.eval_iters // cfg.world_size)
     for split in ("train", "val"):
         total = torch.zeros((), device=cfg.device)
         for k in range(cfg.rank, cfg.eval_iters, cfg.world_size):
             _, x, y = eval_batch(cfg, split, k)
             with cfg.autocast:
                 total += model(x, y, stem_rows=rows_opt.lookup(x, grad=False) if rows_opt else None)[1].float()
+        if cfg.stem_shard and len(range(cfg.rank, cfg.eval_iters, cfg.world_size)) < rounds:
+            # a rank without a batch in the last round still serves its rows to the others: it looks up no ids
+            rows_opt.lookup(torch.zeros(0, cfg.block_size, dtype=torch.long, device=cfg.device), grad=False)
         if cfg.ddp:
             dist.all_reduce(total)
         out[split] = total.item() / cfg.eval_iters
@@ -315,13 +343,18 @@ def save_checkpoint(cfg, model, optimizer, rows_opt, iter_num, best_val_loss):
     generators: saved per rank."""
     if rows_opt is not None:  # the saved table holds decayed rows: readers of ckpt.pt need no optimizer
         rows_opt.apply_pending_decay()
-    stem_state = rows_opt.state_dict() if rows_opt is not None else None
+    model_state = model.state_dict()
+    if cfg.stem_shard:  # rank 0 receives the whole table and its state, shard by shard: the one-process format
+        table, stem_state = rows_opt.gather_state(dst=0)
+        model_state = {**model_state, "stem_table": table}
+    else:
+        stem_state = rows_opt.state_dict() if rows_opt is not None else None
     rngs = [checkpoint.rng_state(cfg.device_type)] * cfg.world_size
     if cfg.ddp:
         dist.all_gather_object(rngs, rngs[0])
     if cfg.rank == 0:
         checkpoint.save(os.path.join(cfg.out_dir, "ckpt.pt"), {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "stem_optimizer": stem_state,
+            "model": model_state, "optimizer": optimizer.state_dict(), "stem_optimizer": stem_state,
             "model_args": dataclasses.asdict(model.config), "iter_num": iter_num, "best_val_loss": best_val_loss,
             "config": {k: getattr(cfg, k) for k in DEFAULTS}, "rng": rngs})
 
@@ -354,15 +387,22 @@ def main(argv):
     checkpoint.restore_rng(cfg, ckpt) if ckpt else torch.manual_seed(cfg.seed + cfg.rank)  # dropout differs by rank
     ckpt = None  # the checkpoint can be as large as the model three times over: let it go
     eval_model = torch.compile(model) if cfg.compile else model  # evaluation skips DDP's hooks
+    if cfg.stem_shard:  # DDP would check that the ranks' tables agree in shape, and overwrite them with rank 0's
+        DDP._set_params_and_buffers_to_ignore_for_model(
+            eval_model, [n for n, p in eval_model.named_parameters() if p is model.stem_table])
     run_model = DDP(eval_model, device_ids=[cfg.local_rank] if cfg.device_type == "cuda" else None) \
         if cfg.ddp else eval_model
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
         log = open_log(os.path.join(cfg.out_dir, "log.jsonl"), start_iter if cfg.init_from == "resume" else None)
-        print(f"{model.config}\n{model.num_params() / 1e6:.1f}M parameters, {model.active_params_per_token() / 1e6:.1f}M "
-              f"active per token; {tokens_per_iter:,} tokens per step on {cfg.world_size} x {cfg.device}, {cfg.dtype}"
-              f"\n{memory_plan.report(cfg)}\nstarting at step {start_iter} of {cfg.max_iters}")
+        elsewhere = (cfg.vocab_size - model.stem_table.size(0)) * model.stem_table.size(1) if cfg.stem_shard else 0
+        print(f"{model.config}\n{(model.num_params() + elsewhere) / 1e6:.1f}M parameters, "
+              f"{model.active_params_per_token() / 1e6:.1f}M active per token; {tokens_per_iter:,} tokens per step on "
+              f"{cfg.world_size} x {cfg.device}, {cfg.dtype}" + (f"; the STEM table in {cfg.world_size} shards of "
+                                                                  f"~{cfg.vocab_size // cfg.world_size:,} rows"
+                                                                  if cfg.stem_shard else "")
+              + f"\n{memory_plan.report(cfg)}\nstarting at step {start_iter} of {cfg.max_iters}")
     bar = tqdm(total=cfg.max_iters, initial=start_iter, disable=not master, dynamic_ncols=True, unit="step")
     batches = micro_batches(cfg, rows_opt, start_iter)
     try:  # the bar closes before an error is printed, so the error is the last line
