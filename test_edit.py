@@ -3,6 +3,8 @@ the offloaded row source, and refusals. Tiny untrained models with GPT-2's vocab
 Then edit_experiment.py's settings and errors (not the experiment itself: it trains for minutes)."""
 
 import copy
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -388,3 +390,31 @@ def test_sample_edit_error_is_one_line_and_exit_1(tmp_path):
                             capture_output=True, text=True, cwd=here)
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("sample.py: error: SOURCE 'Spain'")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the README's demo road: config/edit_demo.py trains STEM in every layer on the 40 facts, then sample.py edits.
+# About 3 minutes on 2 quiet cores (500 steps; smaller recipes, 4 or 12 facts, did not flip: see the README), so
+# it runs only with STEM_SLOW_TESTS=1.
+
+def check_demo_run(run, model_dir, capsys):
+    """What the README promises of the demo model, from edit_experiment.py's JSON for it and sample.py."""
+    assert run["stem_layers"] == [0, 1, 2, 3]  # --layers=all: layer 0 too
+    rows = {(x["templates"], x["where"]): x for x in run["rows"]}
+    edit = rows[("training templates", "stem")]
+    assert edit["accuracy_before"] >= 0.8, edit
+    assert edit["flip_rate"] >= 0.5 and edit["still_a"] <= 0.1, edit  # the edit, not the prompt's text, decides
+    # through sample.py, as a user runs it: the plain prompt answers Madrid, the edited one Berlin
+    prompt = "--start=The capital of Spain is"
+    assert run_sample(capsys, model_dir, prompt, "--max_new_tokens=1") == "The capital of Spain is Madrid"
+    edited = run_sample(capsys, model_dir, prompt, "--max_new_tokens=1", "--edit=Spain->Germany")
+    assert edited == "The capital of Spain is Berlin"
+
+
+@pytest.mark.skipif(not os.environ.get("STEM_SLOW_TESTS"), reason="trains for ~3 minutes: set STEM_SLOW_TESTS=1")
+def test_model_with_stem_in_layer_0_answers_the_edited_capital(tmp_path, capsys):
+    r = run_experiment_script(str(HERE / "config" / "edit_demo.py"), "--out_dir=out", "--json=result.json",
+                              cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = json.loads((tmp_path / "result.json").read_text())["runs"]
+    check_demo_run(run, tmp_path / "out" / "all_s1337", capsys)
