@@ -82,22 +82,23 @@ def validate(cfg):
 
 def tokenizer_of(folder, ckpt_path):
     """The tokenizer the checkpoint's data was prepared with, named by the dataset's meta.json."""
-    meta = os.path.join(folder, "meta.json")
-    name = json.load(open(meta)).get("tokenizer") if os.path.exists(meta) else None
-    if name is None:
-        raise ConfigError(f"cannot find the tokenizer of {ckpt_path}: no {meta} names one; point --data_dir and "
-                          f"--dataset at the data it was trained on (prepared by prepare.py)")
-    if name != "gpt2":
-        raise ConfigError(f"{meta} names the tokenizer {name!r}: eval.py knows only gpt2 (prepare.load_tokenizer)")
-    return prepare.load_tokenizer()
+    enc = prepare.dataset_tokenizer(folder)
+    if enc is None:
+        raise ConfigError(f"cannot find the tokenizer of {ckpt_path}: no {os.path.join(folder, 'meta.json')} names "
+                          f"one; point --data_dir and --dataset at the data it was trained on (prepared by prepare.py)")
+    return enc
 
 
 def token_bytes(enc, vocab_size):
-    """UTF-8 bytes each id decodes to; 0 for special tokens and the vocabulary's padding ids (not text)."""
+    """UTF-8 bytes each id decodes to; 0 for special tokens, the vocabulary's padding ids and the gaps in a
+    ranks-file tokenizer's numbering (not text)."""
     out = np.zeros(vocab_size, dtype=np.int64)
     for t in range(min(enc.n_vocab, vocab_size)):
-        out[t] = len(enc.decode_single_token_bytes(t))
-    out[[enc.encode_single_token(s) for s in enc.special_tokens_set]] = 0
+        try:
+            out[t] = len(enc.decode_single_token_bytes(t))
+        except KeyError:
+            pass
+    out[[t for t in (enc.encode_single_token(s) for s in enc.special_tokens_set) if t < vocab_size]] = 0
     return out
 
 

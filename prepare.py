@@ -771,6 +771,21 @@ def prepare(input_path=None, name=None, out_root="data", val_fraction=0.1, text_
     return meta
 
 
+def dataset_tokenizer(folder):
+    """The tiktoken Encoding folder's data was made with, as its meta.json names it ("gpt2", or a ranks file with
+    its eot_token and tokenizer_pattern); None when there is no meta.json to say."""
+    meta_path = os.path.join(folder, "meta.json")
+    if not os.path.exists(meta_path):
+        return None
+    meta = json.load(open(meta_path))
+    spec = meta.get("tokenizer", "gpt2")
+    if spec != "gpt2" and not os.path.exists(spec):
+        raise PrepareError(f"{meta_path} names the tokenizer file {spec}, which is not there: copy it back, or point "
+                           f"--data_dir/--dataset at a dataset whose tokenizer is here")
+    return get_tokenizer(spec, meta.get("eot_token") if spec != "gpt2" else None,
+                         meta.get("tokenizer_pattern", "cl100k"))[0]
+
+
 def token_dtype(folder):
     """The dtype of folder's .bin files, from its meta.json ("uint16" or "uint32"); no meta.json: uint16, as
     nanoGPT's files."""

@@ -25,7 +25,7 @@ import checkpoint
 import configurator
 from configurator import ConfigError
 from knowledge_edit import MODES as EDIT_MODES, EditedRows, check_model, check_prompt, make_edits, table_rows
-from prepare import load_tokenizer
+from prepare import dataset_tokenizer, load_tokenizer
 
 # ----------------------------------------------------------------------------------------------------------
 out_dir = "out"  # reads out_dir/ckpt.pt
@@ -84,10 +84,12 @@ def main(argv):
                                  choices={"dtype": ("float32", "bfloat16", "float16"), "edit_mode": EDIT_MODES})
     cfg.edit = [e for e in ([cfg.edit] if isinstance(cfg.edit, str) else cfg.edit) if e]  # a config file gives one
     validate(cfg)
-    enc = load_tokenizer()
+    model, ckpt, rows_fn = checkpoint.load_for_inference(os.path.join(cfg.out_dir, "ckpt.pt"), cfg.device,
+                                                         cfg.stem_offload)
+    data = ckpt.get("config", {})  # the tokenizer the training data was made with (meta.json), else GPT-2's
+    enc = dataset_tokenizer(os.path.join(data.get("data_dir", "data"), data.get("dataset", ""))) or load_tokenizer()
+    ckpt = None  # as large as the model: let it go
     ids = read_prompt(cfg, enc)
-    model, _, rows_fn = checkpoint.load_for_inference(os.path.join(cfg.out_dir, "ckpt.pt"), cfg.device,
-                                                      cfg.stem_offload)
     if len(ids) > model.config.block_size:
         raise ConfigError(f"the prompt is {len(ids)} tokens, longer than the model's block_size "
                           f"{model.config.block_size}: shorten it")
@@ -99,9 +101,20 @@ def main(argv):
     with torch.no_grad(), autocast:
         y = model.generate(x, cfg.max_new_tokens, cfg.temperature, cfg.top_k, stem_rows_fn=rows_fn)
     for row in y.tolist():
-        # ids past the tokenizer's 50257 are the vocabulary's padding: no text, so they are dropped
-        print(enc.decode([t for t in row if t < enc.n_vocab]))
+        print(text_of(enc, row))
         print("---------------")
+
+
+def text_of(enc, ids):
+    """ids as text. Ids the tokenizer has no text for (the vocabulary's padding past GPT-2's 50,257, or the gaps
+    of a ranks-file tokenizer's numbering) are dropped: an untrained model may well sample them."""
+    pieces = []
+    for t in ids:
+        try:
+            pieces.append(enc.decode_single_token_bytes(t))
+        except KeyError:
+            pass
+    return b"".join(pieces).decode("utf-8", errors="replace")
 
 
 if __name__ == "__main__":

@@ -373,7 +373,7 @@ def bad_files(folder):
     (["--mc={d}/tasks.csv"], ["must be .jsonl or .parquet"]),
     (["--mc={d}/x/a.jsonl,{d}/y/a.jsonl"], ["named alike"]),
     (["--data_dir={d}"], ["cannot find the tokenizer", "meta.json", "--data_dir"]),
-    (["--dataset=llama"], ["names the tokenizer 'llama'", "only gpt2"]),
+    (["--dataset=llama"], ["names the tokenizer file llama", "not there"]),
     (["--passkey_lengths=32"], ["passkey length 32", "tokens of filler"]),
     (["--passkey_lengths=128"], ["context is 64 tokens"]),
     (["--parts=bpb,knowledge"], ["parts must name some of bpb, position, passkey"]),

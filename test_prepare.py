@@ -442,6 +442,19 @@ def test_uint32_tokens_end_to_end_through_train(tmp_path):
     assert [e["iter"] for e in log if "loss" in e] == [0, 1]
     assert all(np.isfinite(e["val_loss"]) for e in log if "val_loss" in e)
 
+    # sample.py and eval.py read with the dataset's own tokenizer (meta.json): the untrained model samples ids in
+    # the ranks file's gap (50256..69999, no text), which are dropped, and the end of text is 70000
+    assert prep.dataset_tokenizer(str(out)).eot_token == 70000
+    r = subprocess.run([sys.executable, str(HERE / "sample.py"), f"--out_dir={tmp_path / 'run'}", "--device=cpu",
+                        "--dtype=float32", "--start=ROMEO:", "--num_samples=2", "--max_new_tokens=40", "--top_k=None"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and r.stdout.count("ROMEO:") == 2, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, str(HERE / "eval.py"), f"--out_dir={tmp_path / 'run'}", "--device=cpu",
+                        "--parts=bpb"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert np.isfinite(json.loads((tmp_path / "run" / "eval.json").read_text())["bpb"])
+
 
 # -----------------------------------------------------------------------------
 # the script: bad inputs get one clean line, exit status 1, and change nothing
