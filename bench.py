@@ -1,8 +1,8 @@
 """
 Benchmarks for stem-gpt: what STEM costs and saves next to SwiGLU and MoE. One harness; a key picks what runs:
 
-    python bench.py                          # all but quality and gpu: ffn step vocab gather sample capacity offload
-    python bench.py --what=step              # one of: ffn step vocab gather sample capacity offload quality gpu
+    python bench.py                          # all but quality and gpu: ffn ... offload prepare
+    python bench.py --what=step              # one of: ffn step vocab gather sample capacity offload prepare quality gpu
     python bench.py --what=gpu               # the GPU check, <= 10 min on one H100; writes bench_gpu.json
     python bench.py --tiny=True --threads=1  # toy sizes everywhere: checks the plumbing in a minute or two
 
@@ -15,16 +15,21 @@ batches: Shakespeare val.bin where prepared, else Zipfian ids); step and vocab r
 so one variant's memory cannot disturb another's timing. --what=gpu without CUDA exits with a one-line error.
 """
 
+import contextlib
 import dataclasses
 import gc
+import io
 import itertools
 import json as jsonlib
 import math
 import multiprocessing
 import os
+import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
@@ -51,7 +56,7 @@ from model import GPT, GPTConfig, MoE, STEM, StemRows, SwiGLU
 
 # ----------------------------------------------------------------------------------------------------------
 # settings (config/*.py files and --key=value, see configurator.py; python bench.py --help lists them)
-what = "all"  # all (all but quality and gpu) or one of: ffn step vocab gather sample capacity offload quality gpu
+what = "all"  # all (all but quality and gpu) or one of: ffn step vocab gather sample capacity offload prepare quality gpu
 device = "cuda" if torch.cuda.is_available() else "cpu"  # where ffn..offload run; gpu always uses cuda
 dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"  # or "float32"
 reps = 0  # timed rounds per measurement; 0: each one's own default (fewer where a call takes seconds)
@@ -469,6 +474,66 @@ def bench_quality():
                   ["variant", "val loss", "best val", "last train loss", "largest jump", "at step", "params (M)",
                    "active/token (M)", "MFLOPs/token", "wall s"], rows, notes, runs)
 
+def bench_prepare():
+    """prepare.py's throughput: MB/s of text through the whole run (read, parse, tokenize, write) against one
+    tiktoken thread encoding the same documents already in memory."""
+    # Shakespeare's works cut into ~4 kB documents at blank lines (web documents run a few kB), as .jsonl files
+    docs = []
+    for path in sorted(prepare.shakespeare_dir().glob("*_gut.txt")):
+        doc = ""
+        for para in path.read_text(encoding="utf-8").split("\n\n"):
+            doc += para + "\n\n"
+            if len(doc) >= 4000:
+                docs.append(doc)
+                doc = ""
+        docs += [doc] if doc.strip() else []
+    docs, copies = (docs[:250], 1) if tiny else (docs, 8)  # ~1 MB, or the works 8 times over: ~40 MB
+    texts, enc, cores = docs * copies, prepare.load_tokenizer(), prepare.n_cores()
+    mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
+    tmp = tempfile.mkdtemp(prefix="bench_prepare_")
+    try:
+        lines = "".join(jsonlib.dumps({"text": t}) + "\n" for t in docs)
+        for c in range(copies):
+            with open(os.path.join(tmp, f"part{c:02d}.jsonl"), "w", encoding="utf-8") as f:
+                f.write(lines)
+
+        def run(workers):
+            with contextlib.redirect_stdout(io.StringIO()):  # its one-line summary would break the table
+                prepare.prepare(tmp, name="bench", out_root=os.path.join(tmp, "out"), workers=workers,
+                                progress=False)
+
+        def cpu_seconds():  # this process and its reaped children (prepare's workers end with each call)
+            return sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                       for f in ("ru_utime", "ru_stime"))
+
+        def with_cpu(name, fn):
+            def go():
+                t0 = cpu_seconds()
+                fn()
+                cpu.setdefault(name, []).append(cpu_seconds() - t0)
+            return go
+
+        cpu, fns = {}, {"one tiktoken thread (documents in memory)": lambda: [enc.encode_ordinary(t) for t in texts],
+                        "prepare.py, workers=1": lambda: run(1), f"prepare.py, workers={cores}": lambda: run(cores)}
+        fns = {name: with_cpu(name, fn) for name, fn in fns.items()}
+        load_before = os.getloadavg()
+        medians, times = time_round_robin(fns, n_reps(3))
+        load_after = os.getloadavg()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    one = medians["one tiktoken thread (documents in memory)"]
+    rows = [[name, t, mb / t, one / t, statistics.median(cpu[name])] for name, t in medians.items()]
+    notes = [f"{machine()}; load average (1, 5, 15 min) before {', '.join(f'{v:.1f}' for v in load_before)}, after "
+             f"{', '.join(f'{v:.1f}' for v in load_after)}; {len(texts):,} documents, {mb:.1f} MB of UTF-8 text: the 42 "
+             f"Shakespeare works in ~4 kB documents x {copies}, in {copies} .jsonl file(s); prepare.py counts from "
+             f"its call to its return (tokenizer load, worker start, writing included); median of {n_reps(3)} "
+             f"interleaved rounds after {warmup} warm-up round(s). CPU s: user + system of all processes; on a "
+             f"busy machine with autogrouping (/proc/sys/kernel/sched_autogroup_enabled) a session gets its share of "
+             f"the cores however many processes it runs, so the wall-clock ratio needs a quiet machine"]
+    return result("prepare", f"prepare: tokenizing throughput, {cores} workers against one tiktoken thread",
+                  ["variant", "s (median)", "MB/s of text", "ratio to one thread", "CPU s (median)"], rows, notes,
+                  {"seconds": times, "cpu_seconds": cpu})
+
 def gpu_parity():
     """model.STEM forward + backward, Triton vs torch, on one real batch: an fp32 table at fp32 and under bf16
     autocast, and a bf16 table (the GPT-2-small preset's) under autocast; each with a second Triton run compared
@@ -615,8 +680,8 @@ def bench_gpu():
             yield {**res, "seconds": time.perf_counter() - t0}
 
 BENCHES = {"ffn": bench_ffn, "step": bench_step, "vocab": bench_vocab, "gather": bench_gather,
-           "sample": bench_sample, "capacity": bench_capacity, "offload": bench_offload, "quality": bench_quality,
-           "gpu": bench_gpu}
+           "sample": bench_sample, "capacity": bench_capacity, "offload": bench_offload, "prepare": bench_prepare,
+           "quality": bench_quality, "gpu": bench_gpu}
 
 def parse_settings(argv):
     settings, _ = configurator.parse(argv, DEFAULTS, {}, __file__, __doc__)

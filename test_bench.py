@@ -65,6 +65,18 @@ def test_step_through_train_step(tmp_path, capsys):
         assert len(raw["losses"]) == 3 and len(set(raw["losses"])) == 3 and raw["loss"] == raw["losses"][-1]
 
 
+def test_prepare_throughput(tmp_path, capsys):
+    res = run(tmp_path, capsys, "--what=prepare")["prepare"]
+    (one, w1, wn) = res["rows"]
+    assert one[0].startswith("one tiktoken thread") and w1[0] == "prepare.py, workers=1"
+    assert wn[0].startswith("prepare.py, workers=")
+    mb = one[1] * one[2]  # s x MB/s: the same text for all three
+    for name, s, mb_s, ratio, cpu_s in res["rows"]:
+        assert s * mb_s == pytest.approx(mb) and ratio == pytest.approx(one[1] / s) and cpu_s > 0
+    assert 0.5 < mb < 2  # tiny: ~1 MB of Shakespeare
+    assert set(res["raw"]["seconds"]) == {r[0] for r in res["rows"]}
+
+
 def test_capacity(tmp_path, capsys):
     rows = run(tmp_path, capsys, "--what=capacity")["capacity"]["rows"]
     contexts, distinct, stem_active = [r[0] for r in rows], [r[2] for r in rows], [r[5] for r in rows]
