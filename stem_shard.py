@@ -281,7 +281,7 @@ class ShardedRowAdamW(SparseRowAdamW):
         g, w2 = self._send(g, counts, got_counts, "grads", async_op=True)
         for work in (w1, w2):
             work.wait()
-        ids, g = merge_rows(ids, g / self.world)
+        ids, g = merge_rows(ids, g.div_(self.world))  # (in place: g is the fresh receive buffer)
         self.grad = (ids - self.lo, g)
 
     def _no_rows(self):
