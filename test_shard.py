@@ -21,7 +21,7 @@ from model import GPT, GPTConfig
 from prepare import prepare, shakespeare_dir
 from stem_shard import shard_bounds, sharded_gpt
 from configurator import ConfigError
-from test_train import TINY_CONFIG, Job, evals, losses
+from test_train import TINY_CONFIG, Job, evals, losses, read_log
 
 HERE = Path(__file__).resolve().parent
 TRAIN = str(HERE / "train.py")
@@ -232,6 +232,8 @@ def runs(work, optimizer_run):
         "one": start(work, "one", *train_args(work, "one", f"--max_iters={2 * N}")),
         "two": start(work, "two", *TORCHRUN, "--nproc_per_node=2",
                      *train_args(work, "two", f"--max_iters={N}", "--stem_shard=True")),
+        "replicated": start(work, "replicated", *TORCHRUN, "--nproc_per_node=2",
+                            *train_args(work, "replicated", f"--max_iters={N}")),  # plain DDP: the whole table
     }
     finish(jobs["two"])
     for name in ("three", "one_resumed"):
@@ -245,8 +247,8 @@ def runs(work, optimizer_run):
 
 def test_one_two_and_three_processes_train_alike_and_resume_across_world_sizes(work, runs):
     """train.py as users run it, a global batch of 6 micro-batches and a 50,305-row table (2 and 3 do not divide
-    it): 2 sharded ranks for N steps, then resumed on 3 sharded ranks with the shards in host memory (stem_offload)
-    to 2N, equal one process's 2N steps: every step's loss and every evaluation to 1e-5 (the DDP test's bar), the
+    it). 2 sharded ranks for N steps equal 2 replicated DDP ranks bit for bit (log, weights, row state). Resumed on
+    3 sharded ranks with the shards in host memory (stem_offload) to 2N, they equal one process's 2N steps: every step's loss and every evaluation to 1e-5 (the DDP test's bar), the
     final weights and row state to 3e-5 (plain replicated DDP, 2 ranks, lands 1.2e-5 from one process here: the
     sums' order); the 2-rank checkpoint resumed on one process, without torchrun, too.
     Evaluations have 2 batches for 3 ranks (one rank looks up no ids, and still serves), checkpoints are taken
@@ -255,8 +257,16 @@ def test_one_two_and_three_processes_train_alike_and_resume_across_world_sizes(w
     without a batch that skips the exchange (a hang, cut short by the timeout); a checkpoint holding rank 0's
     shard; a resumed rank that takes the checkpoint's first rows instead of its own; stem_shard adopted from the
     checkpoint by a one-process resume.)"""
-    for name in ("one", "three", "one_resumed"):
+    for name in ("one", "replicated", "three", "one_resumed"):
         finish(runs[name])
+    # 2 sharded ranks are 2 replicated DDP ranks, bit for bit: the owners' merges are the all-gather's sums
+    untimed = lambda name: [{k: v for k, v in r.items() if k not in ("dt_ms", "tokens_per_s")}  # noqa: E731
+                            for r in read_log(work / name)]
+    assert untimed("two") == untimed("replicated")
+    a, b = (torch.load(work / name / "ckpt.pt", weights_only=True) for name in ("replicated", "two"))
+    for part in ("model", "stem_optimizer"):
+        for key, tensor in a[part].items():
+            assert torch.equal(tensor, b[part][key]), (part, key)
     one, want = losses(work / "one"), {it: (t, v) for it, t, v in evals(work / "one")}
     assert len(one) == 2 * N and one[2 * N - 1] < one[0]
     for name, steps in (("two", N), ("three", 2 * N), ("one_resumed", 2 * N)):  # (a resumed log goes on the 2's)
