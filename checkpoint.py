@@ -6,6 +6,10 @@ edit_experiment.py. A checkpoint is a dict:
     model_args      the GPTConfig fields, enough to rebuild the model
     optimizer       the dense AdamW's state; stem_optimizer: the row optimizer's (None for stem_optim=dense)
     iter_num, best_val_loss, config (every train.py setting), rng (torch's generators, one entry per rank)
+
+A run with its STEM table sharded over ranks (train.py --stem_shard=True) writes the same file: rank 0 gathers the
+whole table and the row optimizer's full-vocab state (stem_shard.py), and a resumed rank reads only its rows of
+the memory-mapped file, so a checkpoint resumes on any number of processes.
 """
 
 import os

@@ -31,8 +31,12 @@ but still serves the others), and every collective is issued from the main threa
 own process group, so it neither waits behind DDP's all-reduces nor reorders them.
 
 ShardedOffloadedRowAdamW (with --stem_offload=True) keeps the shard and its state in this rank's host memory:
-the rows it serves are gathered on the offload worker and copied to the device; the rest is the same. A node
-then holds one copy of the table in all, not one per GPU.
+the rows it serves are gathered on the offload worker and copied to the device, and a prefetch's rows leave at the
+next exchange, once the worker has them; the rest is the same. A node then holds one copy of the table in all,
+not one per GPU.
+
+Two sharded ranks give the bits of two replicated DDP ranks: the owners' merges are the all-gather's sums, in the
+same order (test_shard.py checks it through train.py, and 3 ranks against the replicated optimizer).
 
 Checkpoints stay the single-file ckpt.pt of one process: gather_state() brings the table and every state tensor
 to rank 0 shard by shard, into one full tensor each, and load_state_dict takes this rank's rows of a full state,
@@ -118,7 +122,7 @@ def draw_normal_rows(n_rows, width, lo, hi, std, dtype):
 # ----------------------------------------------------------------------------------------------------------
 # the optimizer's side
 
-@dataclass
+@dataclass(eq=False)
 class Fetch:
     """One batch's rows on their way: what this rank asked the owners for, and what it serves them."""
     idx: torch.Tensor
@@ -233,7 +237,7 @@ class ShardedRowAdamW(SparseRowAdamW):
     def _refresh(self, fetch, updated):
         """Send again the rows of `fetch` that this rank's step just updated (local ids), to whoever asked for them."""
         stale = torch.isin(fetch.served, updated)
-        counts = [int(s.sum()) for s in stale.split(fetch.served_counts)]
+        counts = torch.stack([s.sum() for s in stale.split(fetch.served_counts)]).tolist()  # one host read
         got_counts = self._counts(counts)
         ids, w1 = self._send(fetch.served[stale] + self.lo, counts, got_counts, "ids", async_op=True)
         rows, row_decay = self._owned(fetch.served[stale])()
@@ -321,10 +325,10 @@ class ShardedRowAdamW(SparseRowAdamW):
             self.prefetch(self.incoming.idx)
 
     def close(self):
-        try:
-            self.drop_prefetch()
-        finally:
-            super().close()
+        """Forget the prefetched batch without another exchange (a rank stopping on an error alone must not wait
+        for the others: it exits, and torchrun stops the rest), then close as the parent does."""
+        self.incoming = self.unsent = None
+        super().close()
 
     # -- checkpoints: the whole table, as one process holds it -----------------------------------------------
 
