@@ -248,9 +248,10 @@ def runs(work, optimizer_run):
 def test_one_two_and_three_processes_train_alike_and_resume_across_world_sizes(work, runs):
     """train.py as users run it, a global batch of 6 micro-batches and a 50,305-row table (2 and 3 do not divide
     it). 2 sharded ranks for N steps equal 2 replicated DDP ranks bit for bit (log, weights, row state). Resumed on
-    3 sharded ranks with the shards in host memory (stem_offload) to 2N, they equal one process's 2N steps: every step's loss and every evaluation to 1e-5 (the DDP test's bar), the
-    final weights and row state to 3e-5 (plain replicated DDP, 2 ranks, lands 1.2e-5 from one process here: the
-    sums' order); the 2-rank checkpoint resumed on one process, without torchrun, too.
+    3 sharded ranks with the shards in host memory (stem_offload) to 2N, they equal one process's 2N steps: every
+    step's loss and every evaluation to 1e-5 (the DDP test's bar), the final weights and row state to 3e-5 (plain
+    replicated DDP, 2 ranks, lands 1.2e-5 from one process here: the sums' order); the 2-rank checkpoint resumed
+    on one process, without torchrun, too.
     Evaluations have 2 batches for 3 ranks (one rank looks up no ids, and still serves), checkpoints are taken
     with a prefetch on its way, and the checkpoints are one process's format: the same names, shapes and dtypes.
     (Mutations caught: DDP left to see the table, whose shard shapes then differ across ranks; an evaluation rank

@@ -108,8 +108,9 @@ CHOICES = {"init_from": ("scratch", "resume"), "stem_optim": ("sparse", "dense")
            "dtype": ("float32", "bfloat16"), "stem_clip": ("joint", "separate"), "stem_dtype": ("float32", "bfloat16"),
            "stem_state": ("full", "rowwise"), "stem_rounding": ("stochastic", "nearest")}
 MODEL_KEYS = [f.name for f in dataclasses.fields(GPTConfig)]
+# a resumed run takes these from its command line, never from the checkpoint
 MACHINE_KEYS = ("init_from", "out_dir", "device", "dtype", "compile", "stem_kernel", "stem_offload", "stem_shard",
-                "plan", "plan_gpu_gb", "plan_world_size")  # a resumed run takes these from its command line, never from the checkpoint
+                "plan", "plan_gpu_gb", "plan_world_size")
 
 
 def configure(argv):
