@@ -397,13 +397,14 @@ def main(argv):
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
         log = open_log(os.path.join(cfg.out_dir, "log.jsonl"), start_iter if cfg.init_from == "resume" else None)
-        elsewhere = (cfg.vocab_size - model.stem_table.size(0)) * model.stem_table.size(1) if cfg.stem_shard else 0
+        elsewhere, shards = 0, ""  # a sharded model holds only this rank's rows of the table
+        if cfg.stem_shard:
+            elsewhere = (cfg.vocab_size - model.stem_table.size(0)) * model.stem_table.size(1)
+            shards = f"; the STEM table in {cfg.world_size} shards of ~{cfg.vocab_size // cfg.world_size:,} rows"
         print(f"{model.config}\n{(model.num_params() + elsewhere) / 1e6:.1f}M parameters, "
               f"{model.active_params_per_token() / 1e6:.1f}M active per token; {tokens_per_iter:,} tokens per step on "
-              f"{cfg.world_size} x {cfg.device}, {cfg.dtype}" + (f"; the STEM table in {cfg.world_size} shards of "
-                                                                  f"~{cfg.vocab_size // cfg.world_size:,} rows"
-                                                                  if cfg.stem_shard else "")
-              + f"\n{memory_plan.report(cfg)}\nstarting at step {start_iter} of {cfg.max_iters}")
+              f"{cfg.world_size} x {cfg.device}, {cfg.dtype}{shards}\n{memory_plan.report(cfg)}\n"
+              f"starting at step {start_iter} of {cfg.max_iters}")
     bar = tqdm(total=cfg.max_iters, initial=start_iter, disable=not master, dynamic_ncols=True, unit="step")
     batches = micro_batches(cfg, rows_opt, start_iter)
     try:  # the bar closes before an error is printed, so the error is the last line
