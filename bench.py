@@ -1,8 +1,9 @@
 """
 Benchmarks for stem-gpt: what STEM costs and saves next to SwiGLU and MoE. One harness; a key picks what runs:
 
-    python bench.py                          # all but quality and gpu: ffn ... offload prepare
-    python bench.py --what=step              # one of: ffn step vocab gather sample capacity offload prepare quality gpu
+    python bench.py                          # all but shard, quality and gpu: ffn ... offload prepare
+    python bench.py --what=step              # one of: ffn step vocab gather sample capacity offload prepare shard
+                                             #         quality gpu
     python bench.py --what=gpu               # the GPU check, <= 10 min on one H100; writes bench_gpu.json
     python bench.py --tiny=True --threads=1  # toy sizes everywhere: checks the plumbing in a minute or two
 
@@ -56,7 +57,7 @@ from model import GPT, GPTConfig, MoE, STEM, StemRows, SwiGLU
 
 # ----------------------------------------------------------------------------------------------------------
 # settings (config/*.py files and --key=value, see configurator.py; python bench.py --help lists them)
-what = "all"  # all (all but quality and gpu) or one of: ffn step vocab gather sample capacity offload prepare quality gpu
+what = "all"  # all (all but shard, quality, gpu) or: ffn step vocab gather sample capacity offload prepare shard quality gpu
 device = "cuda" if torch.cuda.is_available() else "cpu"  # where ffn..offload run; gpu always uses cuda
 dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"  # or "float32"
 reps = 0  # timed rounds per measurement; 0: each one's own default (fewer where a call takes seconds)
@@ -70,6 +71,7 @@ profile = False  # ffn, step: also a torch.profiler table of where each variant'
 quality_config = "config/quality_shakespeare.py"  # quality: the shared train.py config; variants differ in ffn
 quality_out = "out/quality"  # quality: each variant trains in quality_out/<variant>
 quality_extra = ""  # quality: more train.py settings for every variant, e.g. "--seed=1338" (space separated)
+shard_out = "out/shard"  # shard: each run of the comparison trains in shard_out/<run>
 quality_variants = "swiglu,stem,moe,stem_half"  # quality: which to train, comma separated, or "all" (adds bf16 ...)
 pcie_gb_s = 25.0  # offload projection: host<->GPU copy speed, each direction (PCIe 4.0 x16, effective)
 peak_tflops = 989.0  # offload projection: the GPU's dense bf16 peak (H100 SXM)
@@ -534,6 +536,96 @@ def bench_prepare():
                   ["variant", "s (median)", "MB/s of text", "ratio to one thread", "CPU s (median)"], rows, notes,
                   {"seconds": times, "cpu_seconds": cpu})
 
+def shard_traffic(world, micro=40, B=12, T=1024):
+    """Bytes the preset's step would exchange on `world` sharded ranks, from the real ids of its micro-batches (step
+    0's windows of the Shakespeare train split, as train.py draws them): rows each rank receives for its
+    micro-batches, and gradients for the distinct rows of its whole step, both from/to the owners (contiguous
+    blocks, stem_shard.shard_bounds), 8 bytes an id asked. Computed, not run: the counts are stem_shard.py's."""
+    from stem_shard import shard_bounds
+    cfg = train.configure([os.path.join(os.path.dirname(os.path.abspath(__file__)), "config",
+                                        "train_gpt2_small_stem.py"), f"--data_dir={os.path.dirname(data_dir)}",
+                           f"--dataset={os.path.basename(data_dir)}", "--device=cpu", f"--batch_size={B}",
+                           f"--block_size={T}", f"--gradient_accumulation_steps={micro}"])
+    row = len(range(1, cfg.n_layer)) * cfg.d_ff * 2  # a bf16 row of every STEM layer, the preset's table
+    edges, starts = torch.tensor(shard_bounds(cfg.vocab_size, world)), train.window_starts(cfg, "train", 0, 0, (micro, B))
+    rows_in, served, grads, ids_asked, distinct = np.zeros(world), np.zeros(world), np.zeros(world), 0, []
+    for r in range(world):
+        step_ids = []
+        for m in range(micro // world):
+            ids = torch.unique(train.get_batch(cfg, "train", starts[r * (micro // world) + m])[1])
+            per_owner = torch.searchsorted(ids, edges).diff().numpy()
+            distinct.append(ids.numel())
+            rows_in[r] += per_owner.sum() - per_owner[r]
+            served += per_owner * (np.arange(world) != r)
+            ids_asked += per_owner.sum() - per_owner[r]
+            step_ids.append(ids)
+        per_owner = torch.searchsorted(torch.unique(torch.cat(step_ids)), edges).diff().numpy()
+        grads[r] = per_owner.sum() - per_owner[r]
+    return [f"{world} ranks", f"{micro // world} x {B} x {T}", statistics.mean(distinct), rows_in.sum() * row / 1e9,
+            served.max() * row / 1e9, grads.sum() * row / 1e9, ids_asked * 8 / 1e6]
+
+def bench_shard():
+    """stem_shard=True against one process: train.py on 1, 2 and 3 processes (torchrun, gloo, the same global
+    batch), a 2-process run resumed on 3 with offload, and 2 replicated DDP ranks beside them; then the bytes the
+    GPT-2-small preset's step would exchange on 2 and 8 ranks."""
+    tiny_args = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--d_ff=64", "--block_size=32", "--batch_size=4",
+                 "--gradient_accumulation_steps=6", "--eval_interval=10", "--eval_iters=2", "--log_interval=1",
+                 "--warmup_iters=2", "--lr_decay_iters=20", "--vocab_size=50305", "--stem_weight_decay=1.0",
+                 "--device=cpu", "--dtype=float32", f"--data_dir={os.path.dirname(data_dir)}",
+                 f"--dataset={os.path.basename(data_dir)}"] + (["--max_iters=4"] if tiny else ["--max_iters=20"])
+    steps = 4 if tiny else 20
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    runs = {"1 process": ([sys.executable], []), "2 ranks, sharded": (torchrun + ["--nproc_per_node=2"], ["--stem_shard=True"]),
+            "3 ranks, sharded": (torchrun + ["--nproc_per_node=3"], ["--stem_shard=True"]),
+            "2 ranks, replicated DDP": (torchrun + ["--nproc_per_node=2"], []),
+            "2 ranks sharded, then resumed on 3 offloaded": None}
+    env, logs = dict(os.environ, OMP_NUM_THREADS="1"), {}
+    def train_py(name, launcher, *args):
+        out = os.path.join(shard_out, name.replace(" ", "_").replace(",", ""))
+        log(f"shard: {' '.join(launcher[1:])} train.py {' '.join(args)} --out_dir={out}")
+        proc = subprocess.run([*launcher, "train.py", *tiny_args, *args, f"--out_dir={out}"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"train.py for '{name}' failed: {(proc.stdout.strip().splitlines() or ['?'])[-1]}")
+        return out
+    t0 = time.perf_counter()
+    for name, launch in runs.items():
+        if launch is not None:
+            logs[name] = train_py(name, launch[0], *launch[1])
+    half = train_py("2 ranks sharded, then resumed on 3 offloaded", runs["2 ranks, sharded"][0], "--stem_shard=True",
+                    f"--max_iters={steps // 2}")
+    logs["2 ranks sharded, then resumed on 3 offloaded"] = train_py(
+        "2 ranks sharded, then resumed on 3 offloaded", runs["3 ranks, sharded"][0], "--stem_shard=True",
+        "--stem_offload=True", "--init_from=resume")
+    assert half == logs["2 ranks sharded, then resumed on 3 offloaded"]
+    read = lambda out: [jsonlib.loads(line) for line in open(os.path.join(out, "log.jsonl"))]  # noqa: E731
+    one = read(logs["1 process"])
+    loss1, eval1 = ({r["iter"]: r[k] for r in one if k in r} for k in ("loss", "val_loss"))
+    ref = torch.load(os.path.join(logs["1 process"], "ckpt.pt"), weights_only=True)["model"]
+    rows = []
+    for name, out in logs.items():
+        got = read(out)
+        losses, evals = ({r["iter"]: r[k] for r in got if k in r} for k in ("loss", "val_loss"))
+        ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["model"]
+        rows.append([name, len(losses), max(abs(losses[i] - loss1[i]) for i in loss1),
+                     max(abs(evals[i] - eval1[i]) for i in eval1),
+                     max((ckpt[k].double() - ref[k].double()).abs().max().item() for k in ref)])
+    same = [{k: v for k, v in r.items() if k not in ("dt_ms", "tokens_per_s")} for r in read(logs["2 ranks, sharded"])] \
+        == [{k: v for k, v in r.items() if k not in ("dt_ms", "tokens_per_s")} for r in read(logs["2 ranks, replicated DDP"])]
+    res = result("shard", "shard: train.py with the STEM table split over processes, against one process",
+                 ["run", "steps", "max |loss diff|", "max |val loss diff|", "max |weight diff| at the end"], rows,
+                 [f"{machine()}; train.py {' '.join(tiny_args)} (gloo, the same global batch of 6 micro-batches); "
+                  f"2 sharded ranks and 2 replicated DDP ranks log the same numbers: {same}; "
+                  f"{time.perf_counter() - t0:.0f} s"], {"same_as_replicated": same})
+    traffic = [shard_traffic(w, micro=8 if tiny else 40, B=2 if tiny else 12) for w in (2, 8)]
+    return [res, result("shard_traffic", "shard: bytes the GPT-2-small preset's step exchanges (computed)",
+                        ["ranks", "micro-batches a rank", "distinct ids a micro-batch", "rows sent, GB a step",
+                         "the busiest owner serves, GB", "gradients sent, GB a step", "ids sent, MB a step"], traffic,
+                        ["config/train_gpt2_small_stem.py's step (40 micro-batches of 12 x 1024 tokens) on the train "
+                         f"split of {data_dir}, step 0's windows; a row is 11 STEM layers x 2048 in bf16 (45 KB); contiguous blocks of rows "
+                         "per owner (GPT-2 numbers frequent tokens first, so rank 0 serves most); rows re-sent after "
+                         "each update are not counted"])]
+
 def gpu_parity():
     """model.STEM forward + backward, Triton vs torch, on one real batch: an fp32 table at fp32 and under bf16
     autocast, and a bf16 table (the GPT-2-small preset's) under autocast; each with a second Triton run compared
@@ -681,7 +773,7 @@ def bench_gpu():
 
 BENCHES = {"ffn": bench_ffn, "step": bench_step, "vocab": bench_vocab, "gather": bench_gather,
            "sample": bench_sample, "capacity": bench_capacity, "offload": bench_offload, "prepare": bench_prepare,
-           "quality": bench_quality, "gpu": bench_gpu}
+           "shard": bench_shard, "quality": bench_quality, "gpu": bench_gpu}
 
 def parse_settings(argv):
     settings, _ = configurator.parse(argv, DEFAULTS, {}, __file__, __doc__)
@@ -710,7 +802,7 @@ def save_json(results):
 def main(argv):
     apply(parse_settings(argv))
     results, t_start = {}, time.perf_counter()
-    for name in [w for w in BENCHES if w not in ("quality", "gpu")] if what == "all" else [what]:
+    for name in [w for w in BENCHES if w not in ("shard", "quality", "gpu")] if what == "all" else [what]:
         t0, out = time.perf_counter(), BENCHES[name]()
         for res in out if isinstance(out, (list, GeneratorType)) else [out]:  # gpu yields part by part
             results[res["name"]] = {**res, "seconds": res.get("seconds", time.perf_counter() - t0)}
