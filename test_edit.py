@@ -322,6 +322,24 @@ def test_experiment_config_file(tmp_path):
         edit_experiment.settings([str(config)])
 
 
+def test_experiment_layers_seeds_and_facts_settings(tmp_path):
+    opts = edit_experiment.settings([])
+    assert (opts.layers, opts.seeds, opts.readout) == ("both", "1337,1338", "token")  # both settings, two seeds
+    for args, message in ((["--seeds=abc"], "seeds must be integers separated by commas"),
+                          (["--seeds=,"], "seeds must be integers"),
+                          (["--n_facts=1"], "n_facts must be between 2 and 40"),
+                          (["--n_facts=41"], "n_facts must be between 2 and 40"),
+                          (["--layers=first"], "layers must be one of default, all, both"),
+                          (["--readout=argmax"], "readout must be one of token, word")):
+        with pytest.raises(ConfigError, match=message):
+            edit_experiment.settings(args)
+    # the layer setting and the seed name the output folders, so train_args may not set them behind our back
+    for key in ("stem_layers=[0]", "seed=1", "out_dir=x"):
+        with pytest.raises(EditError, match=f"train_args sets --{key.split('=')[0]}"):
+            edit_experiment.main([f"--train_args=--{key}", f"--data_dir={tmp_path}", f"--out_dir={tmp_path}"])
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
+
+
 def test_experiment_failed_training_is_one_line(tmp_path):
     # a bad train_args key: the corpus is written and tokenized, then train.py refuses; we say so in one line
     r = run_experiment_script("--repeats=1", "--data_dir=data", "--out_dir=out", "--train_args=--bogus_key=1",
