@@ -272,9 +272,9 @@ def test_model_without_stem_layers_is_refused(model):
 # ---------------------------------------------------------------------------------------------------------
 # edit_experiment.py: one settings block, --key=value and config files, one-line errors
 
-def run_experiment_script(*args, cwd):
+def run_experiment_script(*args, cwd, timeout=300):
     return subprocess.run([sys.executable, str(HERE / "edit_experiment.py"), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=timeout)
 
 
 def test_experiment_unknown_key_and_wrong_type(tmp_path):
@@ -432,7 +432,7 @@ def check_demo_run(run, model_dir, capsys):
 @pytest.mark.skipif(not os.environ.get("STEM_SLOW_TESTS"), reason="trains for ~3 minutes: set STEM_SLOW_TESTS=1")
 def test_model_with_stem_in_layer_0_answers_the_edited_capital(tmp_path, capsys):
     r = run_experiment_script(str(HERE / "config" / "edit_demo.py"), "--out_dir=out", "--json=result.json",
-                              cwd=tmp_path)
+                              cwd=tmp_path, timeout=3600)
     assert r.returncode == 0, r.stderr[-3000:]
     (run,) = json.loads((tmp_path / "result.json").read_text())["runs"]
     check_demo_run(run, tmp_path / "out" / "all_s1337", capsys)
