@@ -4,7 +4,6 @@ Then edit_experiment.py's settings and errors (not the experiment itself: it tra
 
 import copy
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -411,17 +410,20 @@ def test_sample_edit_error_is_one_line_and_exit_1(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the README's demo road: config/edit_demo.py trains STEM in every layer on the 40 facts, then sample.py edits.
-# About 3 minutes on 2 quiet cores (500 steps; smaller recipes, 4 or 12 facts, did not flip: see the README), so
-# it runs only with STEM_SLOW_TESTS=1.
+# the README's demo road: config/edit_demo.py trains STEM in every layer, tied embeddings, on 12 facts; then
+# sample.py edits. About 2 minutes on 2 quiet cores (600 steps); the slowest test of the suite, and the one that
+# says the paper's edit works here at all.
 
 def check_demo_run(run, model_dir, capsys):
     """What the README promises of the demo model, from edit_experiment.py's JSON for it and sample.py."""
     assert run["stem_layers"] == [0, 1, 2, 3]  # --layers=all: layer 0 too
     rows = {(x["templates"], x["where"]): x for x in run["rows"]}
-    edit = rows[("training templates", "stem")]
-    assert edit["accuracy_before"] >= 0.8, edit
-    assert edit["flip_rate"] >= 0.5 and edit["still_a"] <= 0.1, edit  # the edit, not the prompt's text, decides
+    # bounds that both seeds measured in the README meet (1337: 100% / 97.7% flips, 1338: 88.9% / 42.9%)
+    for templates, known, flips in (("training templates", 0.9, 0.8), ("held-out templates", 0.5, 0.4)):
+        edit, control = rows[(templates, "stem")], rows[(templates, "wte")]
+        assert edit["accuracy_before"] >= known, edit  # it knows the facts, on phrasings it never saw too
+        assert edit["flip_rate"] >= flips and edit["still_a"] <= 0.1, edit  # the rows decide the answer,
+        assert control["flip_rate"] <= 0.1, control  # the token embedding does not
     # through sample.py, as a user runs it: the plain prompt answers Madrid, the edited one Berlin
     prompt = "--start=The capital of Spain is"
     assert run_sample(capsys, model_dir, prompt, "--max_new_tokens=1") == "The capital of Spain is Madrid"
@@ -429,7 +431,6 @@ def check_demo_run(run, model_dir, capsys):
     assert edited == "The capital of Spain is Berlin"
 
 
-@pytest.mark.skipif(not os.environ.get("STEM_SLOW_TESTS"), reason="trains for ~3 minutes: set STEM_SLOW_TESTS=1")
 def test_model_with_stem_in_layer_0_answers_the_edited_capital(tmp_path, capsys):
     r = run_experiment_script(str(HERE / "config" / "edit_demo.py"), "--out_dir=out", "--json=result.json",
                               cwd=tmp_path, timeout=3600)

@@ -1,10 +1,12 @@
-# The knowledge-editing demo model (README, "Knowledge editing"):
+# The knowledge-editing demo model (README, "Knowledge editing"); test_edit.py trains it in CI:
 #     python edit_experiment.py config/edit_demo.py
-#     python sample.py --out_dir=out/edit_experiment/all_s1337 --start="The capital of Spain is" --edit="Spain->Germany" --temperature=0
-# edit_experiment.py's corpus and model (40 countries, 4 layers, n_embd 128, 500 steps) with two changes:
-# STEM in every layer, layer 0 included (the official code keeps layer 0 dense), and the table trained at
-# 100x the backbone's learning rate. At the default 1x a country's identity is learned first by its token
-# embedding, which the edit leaves alone, and the edit flips few answers; see the README for the numbers.
+#     python sample.py --out_dir=out/edit_demo/all_s1337 --start="The capital of Spain is" --edit="Spain->Germany" --temperature=0
+# edit_experiment.py's model (4 layers, n_embd 128) on its first 12 countries for 600 steps, with two changes
+# that make the edit land: STEM in every layer, layer 0 included (the official code keeps layer 0 dense), and
+# the token embedding tied to the output head. Untied, the input embedding learns each country's identity on
+# its own, a copy the edit cannot reach, and most edits leave the answer alone; see the README for the numbers.
 layers = "all"
 seeds = "1337"
-train_args = "--stem_lr_mult=100"
+n_facts = 12
+out_dir = "out/edit_demo"
+train_args = "--tie_embeddings=True --max_iters=600"
