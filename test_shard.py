@@ -18,10 +18,9 @@ import torch
 import memory_plan
 import train
 from model import GPT, GPTConfig
-from prepare import prepare, shakespeare_dir
 from stem_shard import shard_bounds, sharded_gpt
 from configurator import ConfigError
-from test_train import TINY_CONFIG, Job, evals, losses, read_log
+from test_train import Job, evals, losses, make_work, read_log
 
 HERE = Path(__file__).resolve().parent
 TRAIN = str(HERE / "train.py")
@@ -193,12 +192,7 @@ def test_sharded_rows_equal_the_replicated_optimizers_bit_for_bit(optimizer_run)
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """The same small corpus and tiny preset as test_train.py."""
-    root = tmp_path_factory.mktemp("shard_work")
-    play = sorted(shakespeare_dir().glob("*_gut.txt"))[0].read_text()[:100_000]
-    (root / "play.txt").write_text(play)
-    prepare(input_path=str(root / "play.txt"), name="tiny", out_root=str(root / "data"), val_fraction=0.1)
-    (root / "tiny.py").write_text(TINY_CONFIG)
-    return root
+    return make_work(tmp_path_factory.mktemp("shard_work"))
 
 
 def train_args(work, name, *extra):

