@@ -157,7 +157,7 @@ class SparseRowAdamW:
         stale = (self.row_decay != self.decay).nonzero().flatten()
         for i in range(0, stale.numel(), rows_at_once):
             ids = stale[i:i + rows_at_once]
-            p = self.table[ids].float() * torch.exp(self.decay - self.row_decay[ids]).float().unsqueeze(1)
+            p = self.decayed(self.table[ids].float(), self.row_decay[ids])
             self.table[ids] = self.cast(p, ids, self.row_step[ids].unsqueeze(1), salt=2)
             self.row_decay[ids] = self.decay
 
