@@ -4,15 +4,11 @@ A readable Llama-style GPT whose feed-forward network (FFN) is SwiGLU, a Mixture
     SwiGLU: y = W_down( SiLU(W_gate x) * (W_up x) )
     STEM:   y = W_down( SiLU(W_gate x) * E_l[t] )      E_l: vocab_size x d_ff, one table per STEM layer
 
-STEM (Scaling Transformers with Embedding Modules) replaces the up-projection W_up x with a row of a
-per-layer table, looked up by the token id t at that position: the same ids the token embedding sees.
-There is no router (the token id *is* the routing), a third fewer FFN FLOPs, and a parameter count that
-grows with the vocabulary at flat compute. The three FFNs sit side by side below: SwiGLU, MoE, STEM.
-
-All STEM layers' tables live in one tensor, GPT.stem_table [vocab_size, n_stem_layers * d_ff]: row t holds
-token t's rows for every STEM layer side by side, so one lookup per batch serves every layer (and the
-sparse optimizer and the CPU offload in stem_*.py move one contiguous row per token).
-With ffn="swiglu" and untied embeddings this is exactly the Llama architecture.
+STEM replaces the up-projection W_up x with the row of a per-layer table for the token id t at that position:
+no router (the token id *is* the routing), a third fewer FFN FLOPs, and parameters that grow with the
+vocabulary at flat compute. All STEM layers' tables live side by side in one tensor, GPT.stem_table
+[vocab_size, n_stem_layers * d_ff], so one lookup per batch serves every layer (and stem_*.py move one
+contiguous row per token). With ffn="swiglu" and untied embeddings this is exactly the Llama architecture.
 """
 
 import math
@@ -64,11 +60,12 @@ class GPTConfig:
             raise ValueError(f"n_embd {self.n_embd} must split into n_head {self.n_head} heads of even size")
         if self.ffn not in STEM_TYPES:
             self.stem_layers = []  # only STEM models have tables
-        self.stem_layers = sorted({int(l) for l in (range(1, self.n_layer) if self.stem_layers is None
-                                                    else self.stem_layers)})
-        if [l for l in self.stem_layers if not 0 <= l < self.n_layer]:
-            raise ValueError(f"stem_layers {[l for l in self.stem_layers if not 0 <= l < self.n_layer]} are outside "
-                             f"the model: layers are 0..{self.n_layer - 1}")
+        elif self.stem_layers is None:
+            self.stem_layers = range(1, self.n_layer)
+        self.stem_layers = sorted({int(l) for l in self.stem_layers})
+        outside = [l for l in self.stem_layers if not 0 <= l < self.n_layer]
+        if outside:
+            raise ValueError(f"stem_layers {outside} are outside the model: layers are 0..{self.n_layer - 1}")
         if self.ffn == "moe":
             if not 1 <= self.moe_top_k <= self.n_expert:
                 raise ValueError(f"moe_top_k {self.moe_top_k} must be between 1 and n_expert {self.n_expert}")
@@ -79,11 +76,9 @@ class GPTConfig:
 @dataclass
 class StemRows:
     """The STEM rows one forward pass reads: position (b, t) of STEM layer l reads E_l[inverse[b, t]].
-
-    By default rows is the whole stacked table and inverse is the token ids themselves: E[t], plainly. The
-    sparse trainer passes only the batch's distinct rows (rows = table[ids], inverse = where each id went),
-    the CPU offload rows it copied from host memory, and knowledge editing other tokens' rows.
-    """
+    By default rows is the whole table and inverse the token ids: E[t], plainly. The sparse trainer passes the
+    batch's distinct rows (inverse: where each id went), the CPU offload rows from host memory, and knowledge
+    editing other tokens' rows."""
     rows: torch.Tensor  # [R, n_stem_layers * d_ff]: row r holds its token's rows for every STEM layer
     inverse: torch.Tensor  # [B, T] int64 indices into rows
     ids: Optional[torch.Tensor] = None  # [R] token id of each row; None when rows is the whole table
@@ -92,9 +87,8 @@ class StemRows:
     plan: tuple = ()  # the Triton backward's work plan, shared by every layer (GPT.forward builds it)
 
     def __post_init__(self):
-        # R, the number of distinct rows, changes every batch: tell torch.compile so, where rows are made (a
-        # lookup, the offload, an edit), or it specialises on the first batch's R and recompiles at the next.
-        # (Only once torch.compile has loaded dynamo: importing it costs a second that eager runs need not pay.)
+        # R, the number of distinct rows, changes every batch: tell torch.compile, or it specialises on the first
+        # batch's R and recompiles at the next. (Only once dynamo is loaded: eager runs need not import it.)
         dynamo = sys.modules.get("torch._dynamo")
         if dynamo is not None and not torch.compiler.is_compiling():
             for t in (self.rows, self.ids):
@@ -165,8 +159,7 @@ class Attention(nn.Module):
         q, k, v = (w(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         mask, causal = None, True
-        if kv_cache is not None and kv_cache.pos > 0:
-            # new queries see every cached key plus the new keys up to themselves
+        if kv_cache is not None and kv_cache.pos > 0:  # new queries see all cached keys, new keys up to their own
             k, v = kv_cache.append(self.layer, k, v)
             mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=k.size(2) - T)
             causal = False
@@ -228,9 +221,8 @@ class MoE(nn.Module):
 
 
 class STEM(nn.Module):
-    """y = W_down(SiLU(W_gate x) * E_l[t]): the up-projection W_up x is replaced by this layer's table row for
-    the input token t. The rows arrive in a StemRows (the tables themselves are GPT.stem_table, all STEM
-    layers side by side). Two ablations from the paper share the class:
+    """y = W_down(SiLU(W_gate x) * E_l[t]): this layer's table row for the input token t replaces W_up x. The
+    rows arrive in a StemRows (the tables are GPT.stem_table). Two ablations from the paper share the class:
       stem_dagger: up = W_up x + E_l[t]          stem_gate: y = W_down(SiLU(E_l[t]) * W_up x)"""
 
     def __init__(self, config, slot):
@@ -306,9 +298,8 @@ class GPT(nn.Module):
         # GPT-2 init: N(0, 0.02), with the projections that write into the residual stream scaled down
         # by 1/sqrt(2 * n_layer) so the residual's variance does not grow with depth.
         for name, p in self.named_parameters():
-            if name == "stem_table":  # the paper's xavier_normal_ on each layer's vocab x d_ff table; every
-                # layer has the same fan-in and fan-out, so one contiguous fill gives each block that std (4x
-                # faster than filling 11 strided column blocks one by one)
+            if name == "stem_table":  # xavier_normal_ on each layer's vocab x d_ff block, as the paper; they all
+                # share fan-in and fan-out, so one contiguous fill does it (4x faster than block by block)
                 nn.init.normal_(p, std=math.sqrt(2.0 / (self.config.vocab_size + self.config.d_ff)))
             elif p.dim() == 1:
                 nn.init.ones_(p)  # RMSNorm weights
@@ -328,9 +319,8 @@ class GPT(nn.Module):
             self._parameters["stem_table"] = table
 
     def forward(self, idx, targets=None, stem_rows=None, kv_cache=None, return_aux=False, last_only=False):
-        """Returns (logits, loss), or (logits, loss, aux_loss) with return_aux. loss is the plain next-token
-        cross-entropy (comparable across FFN types); aux_loss is the weighted MoE balance + z-loss (0 else),
-        for the trainer to add. stem_rows overrides which table rows the STEM layers read (see StemRows)."""
+        """(logits, loss), or (logits, loss, aux_loss) with return_aux: loss is the plain cross-entropy, the same
+        for every FFN; aux_loss the weighted MoE balance + z-loss (0 else), for the trainer to add."""
         B, T = idx.shape
         pos = kv_cache.pos if kv_cache is not None else 0
         if pos + T > self.config.block_size:
@@ -360,12 +350,9 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.pos += T
         x = self.norm(x)
-        loss = None
-        if targets is not None:
-            logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        else:
-            logits = self.lm_head(x[:, -1:] if last_only else x)
+        logits = self.lm_head(x[:, -1:] if last_only and targets is None else x)
+        loss = None if targets is None else F.cross_entropy(logits.float().view(-1, logits.size(-1)),
+                                                            targets.reshape(-1), ignore_index=-1)
         return (logits, loss, aux_loss) if return_aux else (logits, loss)
 
     # ------------------------------------------------------------------------------------------------------
@@ -386,8 +373,7 @@ class GPT(nn.Module):
         return n
 
     def matmul_params_per_token(self):
-        """Active weights that take part in a matmul: everything active except the lookups (token embedding,
-        STEM rows) and the norm weights."""
+        """Active weights that take part in a matmul: all but the lookups (embedding, STEM rows) and the norms."""
         c = self.config
         n = self.lm_head.weight.numel()
         for block in self.blocks:
@@ -400,9 +386,8 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, seq_len=None, training=True):
-        """FLOPs per token: 2 per matmul weight (forward) plus attention scores and mixing, 2 * 2 * T * n_embd
-        per layer (counted for the full T, PaLM's convention); a training step costs 3x the forward.
-        Table lookups are memory reads, not FLOPs."""
+        """FLOPs per token: 2 per matmul weight plus attention's 2 * 2 * T * n_embd per layer (the full T, as
+        PaLM counts), forward; a training step costs 3x. Table lookups are memory reads, not FLOPs."""
         c = self.config
         forward = 2 * self.matmul_params_per_token() + 4 * c.n_layer * (seq_len or c.block_size) * c.n_embd
         return 3 * forward if training else forward
@@ -418,10 +403,9 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type="cpu",
                              stem_lr_mult=1.0, stem_weight_decay=0.0, include_stem_table=True):
-        """AdamW with weight decay on matmul weights only (not norms, not the embedding lookup). The STEM
-        table gets its own group with its own learning-rate multiplier ("lr_mult", which the trainer applies
-        to the scheduled lr) and weight decay. With include_stem_table=False the table is left out, for the
-        sparse row-wise optimizer in stem_sparse.py to own."""
+        """AdamW with weight decay on matmul weights only (not norms, not the embedding lookup). The STEM table
+        gets its own group: its own weight decay and "lr_mult" (the trainer scales the scheduled lr by it). With
+        include_stem_table=False it is left out, for the row-wise optimizer in stem_sparse.py to own."""
         decay, no_decay = [], []
         for name, p in self.named_parameters():
             if p is self.stem_table or not p.requires_grad:
@@ -438,11 +422,10 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, stem_rows_fn=None):
-        """Append max_new_tokens sampled tokens to idx [B, T]. With use_cache each step feeds only the new
-        token and reuses the cached keys/values; once the text outgrows block_size it falls back to the
-        uncached path on the last block_size tokens, so both paths always give the same tokens.
-        temperature=0 picks the most likely token. stem_rows_fn(tokens, start) may supply the STEM rows for
-        positions start.. of tokens (CPU offload, knowledge editing); by default they come from the table."""
+        """Append max_new_tokens sampled tokens to idx [B, T]; temperature=0 picks the most likely one. With
+        use_cache each step feeds only the new token; past block_size it falls back to the uncached path on the
+        last block_size tokens, so both paths give the same tokens. stem_rows_fn(tokens, start) may supply the
+        STEM rows for positions start.. (CPU offload, knowledge editing); by default they come from the table."""
         if max_new_tokens > 0 and idx.size(1) == 0:
             raise ValueError("generate needs a prompt of at least one token")
         check_ids(idx, self.config.vocab_size)

@@ -3,12 +3,8 @@ Train a GPT whose FFNs are STEM (default), SwiGLU or MoE, on one process or seve
 
     python train.py                                     # a small STEM model on data/shakespeare, on a CPU
     python train.py config/train_gpt2_small_stem.py     # a preset file, then --key=value overrides
-    torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2_small_stem.py
-    torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2_small_stem.py --stem_shard=True  # table split
-
-Every name in the settings block is a key (`--help` lists them). Data: prepare.py's data_dir/dataset/*.bin.
-out_dir gets log.jsonl (losses, a JSON object a line) and ckpt.pt (checkpoint.py). init_from=resume continues
-exactly: N steps, then N more, give the losses of 2N in one go.
+    torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2_small_stem.py  # --stem_shard=True: split table
+Settings: the block below (--help); data: prepare.py's .bin files; out_dir gets log.jsonl and ckpt.pt.
 """
 
 import dataclasses
@@ -20,10 +16,7 @@ import time
 from contextlib import nullcontext
 from types import SimpleNamespace
 
-# Transparent huge pages for PyTorch's large CPU allocations: without them the big temporaries of every step (the
-# logits and their gradient) are mapped, page-faulted in and freed again each step (measured: 26x the faults,
-# +16% step time). torch reads it once, at its first large allocation: set it before torch is imported. A
-# value the user set wins.
+# Before torch loads: huge pages for the logits and their gradient, else re-faulted every step (+16% step time)
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import numpy as np
@@ -49,7 +42,7 @@ eval_interval = 100  # evaluate (and checkpoint) every this many steps, and afte
 eval_iters = 10  # batches per split in an evaluation; the same batches every time, so evaluations compare
 log_interval = 10  # write a log.jsonl line every this many steps
 always_save_checkpoint = True  # save at every evaluation; False: only when val loss improves (nanoGPT's choice)
-init_from = "scratch"  # "scratch" or "resume" (from out_dir/ckpt.pt)
+init_from = "scratch"  # "scratch", or "resume" from out_dir/ckpt.pt: N steps, then N more, run as 2N in one go
 # data
 data_dir = "data"  # where prepare.py wrote its folders
 dataset = "shakespeare"  # data_dir/dataset/{train,val}.bin
@@ -129,8 +122,7 @@ def validate(cfg):
     if cfg.stem_layers is not None and not all(type(l) is int for l in cfg.stem_layers):
         raise ConfigError(f"stem_layers must be a list of layer numbers, got {cfg.stem_layers!r}")
     config = GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS})  # its own checks (ffn, stem_layers, heads), early
-    for key, value in (("stem_offload", True), ("stem_shard", True), ("stem_state", "rowwise"),
-                       ("stem_dtype", "bfloat16")):
+    for key, value in dict(stem_offload=True, stem_shard=True, stem_state="rowwise", stem_dtype="bfloat16").items():
         if getattr(cfg, key) == value and cfg.stem_optim != "sparse":
             raise ConfigError(f"{key}={value} needs stem_optim=sparse: only the row-wise optimizer has it")
     if cfg.stem_shard and not config.stem_layers:
@@ -142,6 +134,7 @@ def validate(cfg):
 def setup_distributed(cfg):
     """Under torchrun: join the process group and pick this rank's device."""
     cfg.ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    cfg.device_type = torch.device(cfg.device).type
     if cfg.stem_shard and not cfg.ddp:
         raise ConfigError("stem_shard=True splits the table over torchrun's processes: run `torchrun --standalone "
                           "--nproc_per_node=N train.py ... --stem_shard=True`, or drop --stem_shard")
@@ -154,22 +147,19 @@ def setup_distributed(cfg):
         if cfg.gradient_accumulation_steps % cfg.world_size:
             raise ConfigError(f"under torchrun, gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) "
                               f"must be divisible by the {cfg.world_size} processes")
-        if torch.device(cfg.device).type == "cuda":
+        if cfg.device_type == "cuda":
             cfg.device = f"cuda:{cfg.local_rank}"
             torch.cuda.set_device(cfg.device)
-        dist.init_process_group(backend="nccl" if torch.device(cfg.device).type == "cuda" else "gloo")
-    cfg.device_type = torch.device(cfg.device).type
+        dist.init_process_group(backend="nccl" if cfg.device_type == "cuda" else "gloo")
     cfg.micro_steps = cfg.gradient_accumulation_steps // cfg.world_size  # this rank's share of a step
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     cfg.autocast = nullcontext() if cfg.dtype == "float32" else torch.autocast(cfg.device_type, dtype=torch.bfloat16)
 
 
-# ----------------------------------------------------------------------------------------------------------
 # data: random windows of the token files, drawn so that resuming and DDP reproduce a single run's batches
 
 def window_starts(cfg, split, stream, step, shape):
-    """Window offsets drawn from (seed, stream, step) alone, not from generator state carried between steps: a
-    resumed run redraws step k's batch exactly, and every DDP rank draws the same global batch."""
+    """Offsets from (seed, stream, step) alone: a resumed run redraws step k's batch, every DDP rank the same."""
     n = len(prepare.read_tokens(os.path.join(cfg.data_dir, cfg.dataset), split)) - cfg.block_size  # +1 for y
     return np.random.default_rng([cfg.seed, stream, step]).integers(0, n, size=shape)
 
@@ -185,22 +175,13 @@ def get_batch(cfg, split, starts):
     return x, x.to(cfg.device), y.to(cfg.device)
 
 
-def train_batch(cfg, step, micro):
-    """This rank's micro-step `micro` of optimizer step `step`: a step draws gradient_accumulation_steps x
-    batch_size windows for all ranks together, and rank r takes micro-steps r*micro_steps.. of them."""
-    starts = window_starts(cfg, "train", 0, step, (cfg.gradient_accumulation_steps, cfg.batch_size))
-    return get_batch(cfg, "train", starts[cfg.rank * cfg.micro_steps + micro])
-
-
-def eval_batch(cfg, split, k):  # stream 1 + split: evaluation draws its own windows, the same every time
-    return get_batch(cfg, split, window_starts(cfg, split, 1 + ("train", "val").index(split), k, cfg.batch_size))
-
-
 def micro_batches(cfg, rows_opt, step, draw=None):
-    """Yields (X, Y, STEM rows or None) for every micro-step from optimizer step `step` on. The batch after the
-    one yielded is drawn first and its STEM rows start moving (prefetch): with offload, their copy to the
-    device runs while this batch computes. draw(step, micro) -> (x_host, X, Y); default train_batch."""
-    draw = draw or (lambda s, m: train_batch(cfg, s, m))
+    """Yields (X, Y, STEM rows or None) for every micro-step from optimizer step `step` on. The next batch is
+    drawn first and its STEM rows start moving: with offload, their copy runs while this batch computes."""
+    def train_batch(step, micro):  # a step draws windows for all ranks; rank r takes micro-steps r*micro_steps..
+        starts = window_starts(cfg, "train", 0, step, (cfg.gradient_accumulation_steps, cfg.batch_size))
+        return get_batch(cfg, "train", starts[cfg.rank * cfg.micro_steps + micro])
+    draw = draw or train_batch  # draw(step, micro) -> (x_host, X, Y)
     micro, (_, X, Y) = 0, draw(step, 0)
     while True:
         rows = rows_opt.lookup(X) if rows_opt is not None else None
@@ -212,7 +193,6 @@ def micro_batches(cfg, rows_opt, step, draw=None):
         _, X, Y = nxt
 
 
-# ----------------------------------------------------------------------------------------------------------
 # model, optimizers, one step
 
 def build_model(cfg, ckpt=None):
@@ -236,8 +216,7 @@ def build_model(cfg, ckpt=None):
 
 
 def build_optimizers(cfg, model, ckpt=None):
-    """AdamW for the dense weights; the STEM table gets its own row-wise optimizer unless stem_optim=dense.
-    From a checkpoint: its moments and step counts, but this run's hyperparameters."""
+    """AdamW, and for the STEM table a row-wise optimizer unless stem_optim=dense; from ckpt, its moments only."""
     rows_opt = None
     if model.stem_table is not None and cfg.stem_optim == "sparse":
         kwargs = dict(lr_mult=cfg.stem_lr_mult, weight_decay=cfg.stem_weight_decay, betas=(cfg.beta1, cfg.beta2),
@@ -264,7 +243,6 @@ def build_optimizers(cfg, model, ckpt=None):
 
 
 def get_lr(cfg, it):
-    """Linear warmup, then cosine decay to min_lr at lr_decay_iters (default max_iters)."""
     decay_iters = cfg.max_iters if cfg.lr_decay_iters is None else cfg.lr_decay_iters
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
@@ -275,8 +253,7 @@ def get_lr(cfg, it):
 
 
 def train_step(cfg, model, optimizer, rows_opt, batches, lr):
-    """One optimizer step over cfg.micro_steps micro-batches from `batches` (micro_batches()). Returns the mean
-    loss and the gradient norm before clipping, as floats; a non-finite one stops before the update."""
+    """One optimizer step of cfg.micro_steps micro-batches: (mean loss, grad norm before clipping) as floats."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_mult"]
     loss_sum = torch.zeros((), device=cfg.device)
@@ -285,8 +262,7 @@ def train_step(cfg, model, optimizer, rows_opt, batches, lr):
         # DDP averages gradients over ranks in the backward; only the last micro-step needs that
         with model.no_sync() if cfg.ddp and micro < cfg.micro_steps - 1 else nullcontext():
             with cfg.autocast:
-                loss, aux = model(X, Y, stem_rows=rows, return_aux=True)[1:]  # the logits are not kept: alive
-                # through the backward they would be a third [tokens, vocab] tensor at its peak
+                loss, aux = model(X, Y, stem_rows=rows, return_aux=True)[1:]  # no logits alive in the backward
             ((loss + aux) / cfg.micro_steps).backward()  # MoE trains on loss + aux; reported is loss
         if rows_opt is not None:
             rows_opt.accumulate(rows)  # merged at once: what waits is one step's distinct rows
@@ -318,15 +294,14 @@ def estimate_loss(cfg, model, rows_opt):
     """Mean loss over eval_iters batches per split. DDP ranks share the batches out, so it equals one process's."""
     model.eval()
     out = {}  # split -> mean loss
-    rounds = -(-cfg.eval_iters // cfg.world_size)
-    for split in ("train", "val"):
+    rounds, mine = -(-cfg.eval_iters // cfg.world_size), range(cfg.rank, cfg.eval_iters, cfg.world_size)
+    for stream, split in enumerate(("train", "val"), start=1):  # its own windows, the same every evaluation
         total = torch.zeros((), device=cfg.device)
-        for k in range(cfg.rank, cfg.eval_iters, cfg.world_size):
-            _, x, y = eval_batch(cfg, split, k)
+        for k in mine:
+            _, x, y = get_batch(cfg, split, window_starts(cfg, split, stream, k, cfg.batch_size))
             with cfg.autocast:
                 total += model(x, y, stem_rows=rows_opt.lookup(x, grad=False) if rows_opt else None)[1].float()
-        if cfg.stem_shard and len(range(cfg.rank, cfg.eval_iters, cfg.world_size)) < rounds:
-            # a rank without a batch in the last round still serves its rows to the others: it looks up no ids
+        if cfg.stem_shard and len(mine) < rounds:  # no batch in the last round, but the others need its rows
             rows_opt.lookup(torch.zeros(0, cfg.block_size, dtype=torch.long, device=cfg.device), grad=False)
         if cfg.ddp:
             dist.all_reduce(total)
@@ -335,13 +310,11 @@ def estimate_loss(cfg, model, rows_opt):
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------
 # checkpoints (checkpoint.py) and the log
 
 def save_checkpoint(cfg, model, optimizer, rows_opt, iter_num, best_val_loss):
-    """out_dir/ckpt.pt, atomically (checkpoint.py). The row state comes first: it waits for an offloaded table's
-    queued updates, and raises if one failed, before anything is written. Dropout draws from torch's
-    generators: saved per rank."""
+    """out_dir/ckpt.pt, atomically. The row state comes first: it waits for an offloaded table's queued updates,
+    and raises if one failed, before anything is written. Dropout's generators are saved per rank."""
     if rows_opt is not None:  # the saved table holds decayed rows: readers of ckpt.pt need no optimizer
         rows_opt.apply_pending_decay()
     model_state = model.state_dict()
@@ -361,15 +334,12 @@ def save_checkpoint(cfg, model, optimizer, rows_opt, iter_num, best_val_loss):
 
 
 def open_log(path, resume_iter=None):
-    """log.jsonl, minus the lines from at or after the step a resumed run restarts at (left by the run that was
-    cut short), so it reads as one run. Returns write(**record)."""
+    """write(**record) to log.jsonl, which keeps only the lines before a resumed run's first step: one run."""
     lines = open(path).readlines() if resume_iter is not None and os.path.exists(path) else []
     with open(path, "w") as f:
         f.writelines(l for l in lines if l.strip() and json.loads(l).get("iter", 0) < resume_iter)
     return lambda **record: open(path, "a").write(json.dumps(record) + "\n")
 
-
-# ----------------------------------------------------------------------------------------------------------
 
 def main(argv):
     cfg = configure(argv)
@@ -418,8 +388,7 @@ def main(argv):
                 if master:
                     log(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"])
                     bar.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                # the state a run starts from is already on disk (or is step 0): only new progress is saved
-                if iter_num > start_iter and (cfg.always_save_checkpoint or improved):
+                if iter_num > start_iter and (cfg.always_save_checkpoint or improved):  # the start is on disk
                     save_checkpoint(cfg, model, optimizer, rows_opt, iter_num, best_val_loss)
             if iter_num == cfg.max_iters:
                 break
