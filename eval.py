@@ -80,15 +80,6 @@ def validate(cfg):
                           f"copy them to distinct names, e.g. arc_easy.parquet and arc_challenge.parquet")
 
 
-def tokenizer_of(folder, ckpt_path):
-    """The tokenizer the checkpoint's data was prepared with, named by the dataset's meta.json."""
-    enc = prepare.dataset_tokenizer(folder)
-    if enc is None:
-        raise ConfigError(f"cannot find the tokenizer of {ckpt_path}: no {os.path.join(folder, 'meta.json')} names "
-                          f"one; point --data_dir and --dataset at the data it was trained on (prepared by prepare.py)")
-    return enc
-
-
 def token_bytes(enc, vocab_size):
     """UTF-8 bytes each id decodes to; 0 for special tokens, the vocabulary's padding ids and the gaps in a
     ranks-file tokenizer's numbering (not text)."""
@@ -143,7 +134,7 @@ def val_pass(cfg, model, rows_fn, data, nbytes):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# multiple choice, as lm-evaluation-harness: "context" + " " + choice, the choice's summed log-probabilities
+# multiple choice, as lm-evaluation-harness 0.4: "context" + " " + choice, the choice's summed log-probabilities
 
 def read_items(path):
     try:
@@ -185,14 +176,19 @@ def request(fmt, item):
 
 
 def choice_scores(cfg, model, rows_fn, enc, pairs, desc):
-    """Sum of the log-probabilities of each choice's tokens after its context, for [(context, choice)]. Context
-    and choice are tokenized apart; contexts are cut from the left to fit block_size, never the choice."""
+    """Sum of the log-probabilities of each choice's tokens after its context, for [(context, choice)]. Tokens as
+    lm-eval's TemplateLM._encode_pair and loglikelihood (lm_eval/api/model.py): the context's trailing whitespace
+    moves in front of " " + choice and is scored with it (acc_norm still divides by len(choice)); context + choice
+    is encoded whole and split after the context's own tokens; an empty context is the end of text (meta.json's
+    eot_token). Contexts are cut from the left to fit block_size, never the choice."""
     bs, seqs = model.config.block_size, []
     for ctx, choice in pairs:
-        c = enc.encode_ordinary(" " + choice)
-        if len(c) > bs:
-            raise ConfigError(f"{desc}: a choice of {len(c)} tokens does not fit block_size {bs}")
-        seqs.append((((enc.encode_ordinary(ctx) or [prepare.EOT]) + c)[-(bs + 1):], len(c)))
+        ctx, cont = ctx.rstrip(), ctx[len(ctx.rstrip()):] + " " + choice
+        c = enc.encode_ordinary(ctx)
+        cont = enc.encode_ordinary(ctx + cont)[len(c):]
+        if len(cont) > bs:
+            raise ConfigError(f"{desc}: a choice of {len(cont)} tokens does not fit block_size {bs}")
+        seqs.append((((c or [enc.eot_token]) + cont)[-(bs + 1):], len(cont)))
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))  # like lengths together: less padding
     scores = [0.0] * len(seqs)
     for i in tqdm(range(0, len(order), cfg.batch_size), desc=desc, unit="batch"):
@@ -318,7 +314,10 @@ def main(argv):
     model, ckpt, rows_fn = checkpoint.load_for_inference(path, cfg.device, cfg.stem_offload)
     saved = ckpt.get("config", {})
     folder = os.path.join(cfg.data_dir or saved.get("data_dir", "data"), cfg.dataset or saved.get("dataset", ""))
-    enc = tokenizer_of(folder, path)
+    enc = prepare.dataset_tokenizer(folder)  # the one the checkpoint's data was prepared with, named by meta.json
+    if enc is None:
+        raise ConfigError(f"cannot find the tokenizer of {path}: no {os.path.join(folder, 'meta.json')} names "
+                          f"one; point --data_dir and --dataset at the data it was trained on (prepared by prepare.py)")
     cfg.autocast = torch.autocast(torch.device(cfg.device).type, getattr(torch, cfg.dtype),
                                   enabled=cfg.dtype != "float32")
     res = dict(checkpoint=path, data=folder, model={k: getattr(model.config, k) for k in ("ffn", "n_layer",

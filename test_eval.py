@@ -8,6 +8,7 @@ The task files are a few hand-written items about Shakespeare in each task's Hug
 .jsonl and as .parquet. The references are plain loops: one sequence at a time, the model's logits, sums.
 """
 
+import base64
 import contextlib
 import dataclasses
 import json
@@ -19,14 +20,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiktoken
 import torch
 import torch.nn.functional as F
+from tiktoken_ext.openai_public import r50k_pat_str
 
 import checkpoint
 import configurator
 import eval as ev
 from model import GPT, GPTConfig
-from prepare import load_tokenizer, prepare, read_tokens, shakespeare_dir
+from prepare import _gpt2_ranks_file, dataset_tokenizer, load_tokenizer, prepare, read_tokens, shakespeare_dir
+from prepare import main as prepare_main
 
 HERE = Path(__file__).resolve().parent
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--d_ff=64", "--block_size=64", "--batch_size=4",
@@ -88,7 +92,12 @@ TASKS = {  # format -> items, as the Hugging Face exports hold them (HellaSwag's
                          "turn into trees."], "2"),
                        ("Reading a play", "A woman opens a book of the tragedies.", "she",
                         ["burns the kitchen.", "paints the cat.", "swims across the page.",
-                         "reads the first act of Macbeth."], "3")),
+                         "reads the first act of Macbeth."], "3"),
+                       # ends in a tag: after the cleanup its context ends in a space, which lm-eval scores
+                       ("Reading a play", "[header] How to learn a speech from Hamlet [title] Read it aloud every "
+                        "morning.", "say it to a mirror [title]",
+                        ["Speak slowly and clearly.", "Eat the mirror.", "Stand on your head in the bath.",
+                         "Burn the book."], "0")),
     "piqa": lines(("goal", "sol1", "sol2", "label"),
                   ("Mark your place in a copy of Macbeth.", "Put a bookmark between the pages.",
                    "Put the book in the oven.", 0),
@@ -153,10 +162,26 @@ def reference_request(fmt, item):
     return item["question_stem"], item["choices"]["text"], gold
 
 
-def reference_score(model, enc, ctx, choice):
+def lm_eval_tokens(enc, eot, ctx, choice):
+    """(context ids, continuation ids) by lm-evaluation-harness 0.4's rules (TemplateLM.loglikelihood and
+    _encode_pair), written out again: an empty context is the end of text; otherwise the context's trailing
+    whitespace joins the continuation " " + choice, both are encoded whole and the continuation is what follows
+    the context's own ids."""
+    continuation = " " + choice
+    if ctx == "":
+        ids = enc.encode(continuation)
+        return ([eot], ids) if ids[0] != eot else (ids[:1], ids[1:])
+    spaces = len(ctx) - len(ctx.rstrip())
+    if spaces:
+        ctx, continuation = ctx[:-spaces], ctx[-spaces:] + continuation
+    whole, ctx_ids = enc.encode(ctx + continuation), enc.encode(ctx)
+    return ctx_ids, whole[len(ctx_ids):]
+
+
+def reference_score(model, enc, ctx, choice, eot=50256):
     """One sequence, no batch, no padding: the sum of log p(choice token | everything before it)."""
-    cont = enc.encode(" " + choice)
-    toks = (enc.encode(ctx) + cont)[-(model.config.block_size + 1):]
+    ctx_ids, cont = lm_eval_tokens(enc, eot, ctx, choice)
+    toks = (ctx_ids + cont)[-(model.config.block_size + 1):]
     with torch.no_grad():
         logp = F.log_softmax(model(torch.tensor([toks[:-1]]))[0][0].float(), dim=-1)
     first = len(toks) - len(cont) - 1  # the logits at position p predict token p + 1
@@ -168,13 +193,16 @@ def test_multiple_choice_matches_a_plain_loop(work, tmp_path):
     chance level match a plain loop over the model's logits; the batched, padded, left-truncated scores match
     it choice by choice. (Mutations caught: the choice without its leading space, an off-by-one in which
     logits score the choice, acc_norm by tokens instead of characters, no left truncation, padding scored,
-    HellaSwag without its preprocessing, ARC's gold taken as the letter's position in ABCD.)"""
+    HellaSwag without its preprocessing, ARC's gold taken as the letter's position in ABCD, the context's
+    trailing space scored with the context instead of the choice as lm-eval does (the tag-ending HellaSwag item).)"""
     paths = write_tasks(tmp_path)
     res = run(f"--out_dir={work / 'stem'}", "--parts=", f"--mc={','.join(map(str, paths))}", "--batch_size=5")
     model, enc = model_of(work / "stem"), load_tokenizer()
     assert res["model"]["block_size"] == 64
     long_ctx = reference_request("hellaswag", TASKS["hellaswag"][2])[0]
     assert len(enc.encode(long_ctx)) > 64  # so truncation is exercised
+    tag_ctx = reference_request("hellaswag", TASKS["hellaswag"][6])[0]
+    assert tag_ctx.endswith("mirror. ")  # so the space lm-eval moves into the choice is exercised
     pairs, expected = [], []
     for fmt, items in TASKS.items():
         acc, acc_norm = [], []
@@ -199,6 +227,43 @@ def test_multiple_choice_matches_a_plain_loop(work, tmp_path):
     # HellaSwag's preprocessing, by hand: " [title]" -> ". ", tags dropped, double spaces halved, ctx_b capitalised
     assert ev.request("hellaswag", TASKS["hellaswag"][0])[0] == \
         "Reading a play: How to read Hamlet aloud. Choose a quiet room. Find"
+
+
+def test_empty_context_is_scored_after_the_datasets_end_of_text(work, tmp_path):
+    """A choice after an empty context (OpenBookQA items without a stem) is scored after the end-of-text id of
+    the checkpoint's dataset, as lm-eval's loglikelihood puts its tokenizer's there: here a ranks file of GPT-2's
+    first 1,000 ranks, prepared with --eot_token=1000. The model's vocabulary holds GPT-2's 50256 too, so a wrong
+    prefix shows in the scores rather than as an index error. (Mutation caught: 50256 whatever the tokenizer.)"""
+    rows = Path(_gpt2_ranks_file()).read_bytes().splitlines()[:1000]
+    (tmp_path / "small.tiktoken").write_bytes(b"\n".join(rows) + b"\n")
+    prepare_main([f"--input={work / 'play.txt'}", "--name=small", f"--out_dir={tmp_path / 'data'}", "--workers=1",
+                  f"--tokenizer={tmp_path / 'small.tiktoken'}", "--tokenizer_pattern=r50k", "--eot_token=1000"])
+    config = GPTConfig(vocab_size=50304, block_size=64, n_layer=2, n_head=2, n_embd=32, d_ff=64)
+    torch.manual_seed(0)
+    model = GPT(config).eval()
+    (tmp_path / "small_out").mkdir()
+    checkpoint.save(str(tmp_path / "small_out" / "ckpt.pt"), {
+        "model": model.state_dict(), "model_args": dataclasses.asdict(config), "iter_num": 0,
+        "config": {"data_dir": str(tmp_path / "data"), "dataset": "small"}})
+    items = [{"question_stem": "", "choices": mc(ABCD, texts), "answerKey": key} for texts, key in [
+        (["Hamlet is the prince of Denmark.", "Hamlet is a fish.", "Hamlet is a sonnet.", "Hamlet is a river."], "A"),
+        (["Lear has three daughters.", "Lear has no kingdom.", "Lear is a cat.", "Lear lives on the moon."], "A"),
+        (["Puck is a horse.", "Puck is a sprite.", "Puck is a king.", "Puck is a ship."], "B")]]
+    (tmp_path / "stemless.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
+    res = run(f"--out_dir={tmp_path / 'small_out'}", "--parts=", f"--mc={tmp_path / 'stemless.jsonl'}")
+    enc = tiktoken.Encoding("small", pat_str=r50k_pat_str, special_tokens={},
+                            mergeable_ranks={base64.b64decode(t): int(r) for t, r in (row.split() for row in rows)})
+    pairs = [("", c) for item in items for c in item["choices"]["text"]]
+    expected = [reference_score(model, enc, ctx, c, eot=1000) for ctx, c in pairs]
+    gold = [item["choices"]["label"].index(item["answerKey"]) for item in items]
+    for metric, length in ("acc", lambda c: 1), ("acc_norm", len):
+        best = [np.argmax([s / length(c) for s, (_, c) in zip(expected[4 * i:4 * i + 4], pairs[4 * i:4 * i + 4])])
+                for i in range(len(items))]
+        assert res["mc"]["stemless"][metric] == np.mean([b == g for b, g in zip(best, gold)])
+    cfg = configurator.configure(vars(ev), ["--device=cpu", "--dtype=float32"])
+    cfg.autocast = contextlib.nullcontext()
+    got = ev.choice_scores(cfg, model, None, dataset_tokenizer(str(tmp_path / "data" / "small")), pairs, "stemless")
+    assert got == pytest.approx(expected, abs=1e-4)
 
 
 def test_limit_takes_the_first_items(work, tmp_path):
