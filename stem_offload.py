@@ -2,8 +2,10 @@
 STEM tables in host memory, with the rows each step needs copied to the device ahead of time.
 
 The table ([vocab, n_stem_layers * d_ff], a token's rows for every layer contiguous) and its row-wise AdamW
-state stay in host memory, page-locked when CUDA is present. This works because the token ids are the routing:
-the rows a batch needs are known as soon as the batch is, before its forward starts.
+state stay in plain host memory. This works because the token ids are the routing: the rows a batch needs are
+known as soon as the batch is, before its forward starts. Only the small staging buffers the rows are gathered
+into are page-locked: every host-to-device copy reads from them, never from the table, so locking the table
+(8.4 GB a rank for the 1B all-layers model) would cost seconds at start-up and buy nothing.
 
 OffloadedRowAdamW is stem_sparse.SparseRowAdamW with the table on the host: accumulate, sync, clipping and the
 update arithmetic are the parent's. What changes is where rows come from and when the update runs. One
@@ -42,50 +44,15 @@ class OffloadError(ValueError):
     """A host-side job failed; the trainer prints it as one line."""
 
 
-CUDA_HOST_MEMORY_ALREADY_REGISTERED = 712
-
-
-def page_lock(tensor):
-    """Pin a plain host tensor in place, at its exact size. (tensor.pin_memory() goes through the caching host
-    allocator, which rounds every allocation up to a power of two: a 4.5 GB table would pin 8 GB.) Every
-    page_lock needs its page_unlock, after the last copy that reads the tensor: OffloadedRowAdamW.close()."""
-    nbytes = tensor.numel() * tensor.element_size()
-    err = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), nbytes, 0)
-    err = int(getattr(err, "value", err))  # a cudaError enum or a plain int, by torch version
-    if err == CUDA_HOST_MEMORY_ALREADY_REGISTERED:
-        raise OffloadError("this host memory is page-locked already: an earlier OffloadedRowAdamW was not closed "
-                           "(call its close()), or the memory was locked elsewhere")
-    if err != 0:
-        raise OffloadError(f"cudaHostRegister of {nbytes / 2**30:.1f} GiB failed (CUDA error {err}): not enough "
-                           f"lockable host memory; lower the table size or turn offload off")
-    return tensor
-
-
-def page_unlock(tensor):
-    err = torch.cuda.cudart().cudaHostUnregister(tensor.data_ptr())
-    err = int(getattr(err, "value", err))
-    if err != 0:
-        raise OffloadError(f"cudaHostUnregister failed (CUDA error {err})")
-
-
 class OffloadedRowAdamW(SparseRowAdamW):
-    def __init__(self, table, device, lock_host_memory=None, **adamw):
-        """lock_host_memory: page-lock the table and its moments (default: when device is CUDA). close() unlocks
-        them: call it when done (train.py, bench.py do), or the memory stays locked while the tensors live."""
+    def __init__(self, table, device, **adamw):
+        """close() when done (train.py and bench.py do): it waits for the queued host updates."""
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stem-offload")  # no thread until a job
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         table.data = table.data.to("cpu", copy=True)  # the parameter itself now lives in host memory
         super().__init__(table, **adamw)  # the moments are made beside it, in host memory
-        self.locked, self.closed = [], False  # locked: what close() must unlock
-        if self.cuda if lock_host_memory is None else lock_host_memory:
-            try:
-                for t in (self.table, self.exp_avg, self.exp_avg_sq):  # detach(): the storage locked now, kept
-                    self.locked.append(page_lock(t.detach()))  # alive until unlocked even if table.data changes
-            except OffloadError:
-                while self.locked:  # all or nothing
-                    page_unlock(self.locked.pop())
-                raise
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stem-offload")
+        self.closed = False
         self.jobs = []  # (what, future) of every job not yet known to have succeeded
         self.failed = None  # the message of the first job that failed
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
@@ -248,25 +215,20 @@ class OffloadedRowAdamW(SparseRowAdamW):
         self.check()
 
     def close(self):
-        """Finish every queued job, then unlock the host memory (after the last copy that reads it) and stop the
-        worker. Idempotent; the table stays usable as a plain host tensor. Raises a failed job's error."""
+        """Finish every queued job and stop the worker. Idempotent; the table stays usable as a plain host tensor.
+        Raises a failed job's error."""
         if self.closed:
             return
+        self.closed = True
         try:
             self.flush()
         finally:
-            self.closed = True
             self.worker.shutdown(wait=True)
-            if self.cuda:
-                self.copy_stream.synchronize()  # the last copies out of the locked table and staging are done
-            while self.locked:
-                page_unlock(self.locked.pop())
 
-    def __del__(self):  # a dropped optimizer must not leave the table locked: registering it again would fail
-        try:
-            self.close()
-        except Exception:
-            pass
+    def __del__(self):
+        # Every queued job holds this object, so none is left when it is dropped; the last reference may die on
+        # the worker thread itself, which must not wait for (join) itself.
+        self.worker.shutdown(wait=False)
 
     def apply_pending_decay(self):
         self.flush()  # the worker is idle: the host table is this thread's until the next job

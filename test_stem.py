@@ -4,6 +4,7 @@ row training with its clipping and merges, DDP, and the CPU offload."""
 import copy
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -794,52 +795,74 @@ def test_offload_state_dict_waits_for_a_running_update():
     assert row_step.nonzero().flatten().tolist() == [1, 2, 3]
 
 
-class RecordingCudart:
-    """Stands in for torch.cuda.cudart() on a machine without CUDA, with CUDA's rules for page-locking host
-    memory: registering a range that overlaps a registered one fails with error 712, unregistering an address
-    that is not registered with 713. It records what is locked now."""
-
-    def __init__(self):
-        self.locked = {}  # address -> bytes
-
-    def cudaHostRegister(self, ptr, nbytes, flags):
-        if any(p < ptr + nbytes and ptr < p + n for p, n in self.locked.items()):
-            return 712
-        self.locked[ptr] = nbytes
-        return 0
-
-    def cudaHostUnregister(self, ptr):
-        return 0 if self.locked.pop(ptr, None) is not None else 713
-
-
-def test_offload_unlocks_its_host_memory_on_close_and_when_dropped(monkeypatch):
-    """Every page-lock is paired with an unlock of the same memory: close() unlocks the table and both moments
-    (locked at their exact sizes), also after another optimizer has replaced the table's data; a dropped
-    optimizer unlocks too (else its freed memory stays locked, and a later lock of those addresses fails with
-    error 712); that error names the cause. (Mutations caught: close() that leaves the memory locked, an unlock
-    of table.data's address of the moment instead of the one locked, no unlock for a dropped optimizer.)"""
+def test_dropping_an_offloaded_optimizer_while_a_job_runs_stops_its_worker_cleanly(monkeypatch):
+    """The last reference to an offloaded optimizer can die on its own worker thread (a queued job holds it): the
+    trainer dropped it while the job ran. Its worker must then stop without joining itself ("cannot join current
+    thread", which once skipped the unlock of page-locked memory), and nothing may be reported from __del__.
+    (Mutation caught: __del__ calling close(), or shutdown(wait=True), which joins the worker from itself.)"""
     import gc
-    cudart = RecordingCudart()
-    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: reported.append(f"{u.exc_type.__name__}: {u.exc_value}"))
     model = tiny_stem()
-    first = offloaded(model, lock_host_memory=True)
-    sizes = {t.data_ptr(): t.numel() * t.element_size() for t in (first.table, first.exp_avg, first.exp_avg_sq)}
-    assert cudart.locked == sizes
-    run_rows_training(model, first, make_batches(2))
-    second = OffloadedRowAdamW(model.stem_table, "cpu", lock_host_memory=True)  # copies the table anew
-    assert len(cudart.locked) == 6
-    first.close()
-    assert len(cudart.locked) == 3 and not set(cudart.locked) & set(sizes)
-    with pytest.raises(OffloadError, match="closed"):
-        first.lookup(make_batches(1)[0][0])
-    del second
+    offload = offloaded(model)
+    running, release = threading.Event(), threading.Event()
+
+    def hold(event):
+        if event == "row gather start":
+            running.set()
+            release.wait(timeout=20)
+    offload.on_event = hold
+    offload.prefetch(make_batches(1)[0][0])
+    worker = next(t for t in threading.enumerate() if t.name.startswith("stem-offload"))
+    assert running.wait(timeout=20)
+    del offload  # the queued job now holds the last reference
     gc.collect()
-    assert cudart.locked == {}
-    from stem_offload import page_lock
-    table = torch.zeros(4, 4)
-    page_lock(table)
-    with pytest.raises(OffloadError, match="page-locked already.*close()"):
-        page_lock(table)
+    release.set()
+    worker.join(timeout=20)
+    gc.collect()
+    assert not worker.is_alive() and reported == []
+
+
+RESIDENT = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) ")
+
+
+def resident_bytes(tensors):
+    """The resident size (Linux's /proc/self/smaps "Rss") of the memory mappings that hold these tensors."""
+    spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors]
+    total, counting = 0, False
+    for line in open("/proc/self/smaps"):
+        if m := RESIDENT.match(line):
+            lo, hi = int(m[1], 16), int(m[2], 16)
+            counting = any(lo < b and a < hi for a, b in spans)
+        elif counting and line.startswith("Rss:"):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's /proc/self/smaps")
+@pytest.mark.parametrize("offload", [False, True])
+def test_a_step_commits_the_moments_of_its_rows_only(offload):
+    """The row optimizer's moments take host memory only for rows a batch has touched: one train.train_step on a
+    206 MB table commits about its rows' pages, whatever the vocabulary. (Mutation caught: numpy's or torch's
+    zeros for the moments; with huge pages the first write of each scattered row committed a 2 MB page, and a
+    step committed nearly all of the 412 MB of moments.)"""
+    import train
+    cfg = train.configure(["--device=cpu", "--dtype=float32", "--vocab_size=50304", "--n_layer=2", "--n_head=1",
+                           "--n_embd=16", "--d_ff=1024", "--batch_size=4", "--block_size=32",
+                           f"--stem_offload={offload}"])
+    train.validate(cfg)
+    train.setup_distributed(cfg)
+    model = train.build_model(cfg)
+    optimizer, rows_opt = train.build_optimizers(cfg, model)
+    moments = [rows_opt.exp_avg, rows_opt.exp_avg_sq]
+    assert resident_bytes(moments) < 2**20  # nothing written yet
+    x = torch.randint(0, 50304, (2, 4, 33), generator=torch.Generator().manual_seed(0))
+    batches = train.micro_batches(cfg, rows_opt, 0, draw=lambda step, micro: (x[step, :, :-1],) * 2 + (x[step, :, 1:],))
+    train.train_step(cfg, model, optimizer, rows_opt, batches, 1e-3)
+    rows_opt.close()  # an offloaded update finishes
+    rows = torch.unique(x[0, :, :-1]).numel()
+    row_pages = -(-1024 * 4 // 4096) + 1  # a 4 KB row spans at most two pages
+    assert 0 < resident_bytes(moments) <= 2 * rows * row_pages * 4096 + 2**20
 
 
 def test_every_kernel_launch_runs_on_its_tensors_device():
