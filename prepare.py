@@ -19,7 +19,9 @@ val, k = round(1 / val_fraction), or the last one if there are fewer than k. One
 line (else line break, else space) nearest the start of its last ~val_fraction of characters.
 
 Tokenizer: GPT-2's BPE (offline, from the mlx-whisper wheel), or a tiktoken ranks file with its split pattern and
-end-of-text id, e.g. Llama 3's: --tokenizer=FILE --eot_token=128001 (train with --vocab_size=128256).
+end-of-text id, e.g. Llama 3's: --tokenizer=FILE --eot_token=128001 (train with --vocab_size=128256). Text reaches
+it in pieces cut where its tokens stay the same; a run of over a million characters with no such point (no spaces:
+Chinese, minified JSON) is cut every million characters, which may change the tokens right at those cuts.
 """
 
 import base64
@@ -66,6 +68,7 @@ GPT2_BPE_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd
 EOT = 50256  # <|endoftext|>
 VOCAB_SIZE = 50257
 KINDS = (".jsonl.gz", ".jsonl", ".parquet", ".txt")  # the file types a folder is searched for
+MAX_RUN = 1_000_000  # characters: a longer run without a safe cut point is cut every MAX_RUN characters
 MAX_LISTED = 1000  # meta.json names the documents of each split up to this many documents in all, else counts them
 PYARROW = "pyarrow==26.0.1"  # as in requirements.txt
 JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
@@ -353,20 +356,29 @@ def safe_cut(text, lo, hi):
 
 def cut_documents(docs, to_val, limit, stats):
     """(text, is_val, ends_document) pieces of each document, to_val(position) choosing its split, a long one cut
-    at safe_cut points into pieces of at most `limit` characters. Counts them in stats, naming the first few."""
+    at safe_cut points into pieces of at most `limit` characters, and a run of over MAX_RUN characters without one
+    every MAX_RUN characters from its start (see the module's docstring). Counts documents in stats."""
+    limit = min(limit, MAX_RUN)  # so that where a run is cut does not depend on --batch_chars
     for i, (name, blocks) in enumerate(docs):
         is_val = to_val(i)
         stats.docs[is_val] += 1
         if sum(stats.docs) <= MAX_LISTED:
             stats.names[is_val].append(name)
-        carry, start = "", 0
+        pending, need = [], limit  # blocks are joined once they hold more than `need`: each is copied a few times
         for block in blocks:
-            carry, start = carry[start:] + block, 0
-            # no safe point within limit characters: keep reading (rare, e.g. text without spaces)
-            while len(carry) - start > limit and (cut := safe_cut(carry, start, start + limit)) is not None:
-                yield carry[start:cut], is_val, False
-                start = cut
-        yield carry[start:], is_val, True
+            pending.append(block)
+            if sum(map(len, pending)) > need:
+                text, start, need = "".join(pending), 0, limit
+                while len(text) - start > limit:
+                    cut = safe_cut(text, start, start + limit) or safe_cut(text, start, start + MAX_RUN)
+                    if cut is None and len(text) - start <= MAX_RUN:  # a run without a safe point: wait for its end
+                        need = MAX_RUN
+                        break
+                    cut = cut or start + MAX_RUN  # the run is longer: cut it there
+                    yield text[start:cut], is_val, False
+                    start = cut
+                pending = [text[start:]]
+        yield "".join(pending), is_val, True
 
 
 def batches(pieces, limit):

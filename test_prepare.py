@@ -12,7 +12,9 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -344,6 +346,50 @@ def test_memory_stays_flat_as_the_corpus_grows(tmp_path):
     text_mb = (12 - 2) * sum(len(d["text"]) for d in docs) / 1e6
     for who, small, large in zip(("main", "worker"), peaks[2], peaks[12]):
         assert large - small < 0.25 * text_mb, (who, peaks, text_mb)  # holding the text or its tokens: more
+
+
+def test_text_without_spaces_is_cut_in_linear_time():
+    # 30 MB (UTF-8) of Chinese without a space has no safe cut point. Each string the cutter makes is memory
+    # tracemalloc sees, so the peak while it handles one block, over what was held before, counts the characters
+    # it copied for that block: in all they must grow like the text, not like its square
+    block = "天地玄黄宇宙洪荒日月盈昃辰宿列张" * 4000  # 64,000 characters of 2 bytes each in a str
+    n_blocks = 10_000_000 // len(block)
+    copied = 0
+
+    def blocks():
+        nonlocal copied
+        for _ in range(n_blocks):
+            tracemalloc.reset_peak()
+            held = tracemalloc.get_traced_memory()[0]
+            yield block
+            copied += (tracemalloc.get_traced_memory()[1] - held) // 2
+    stats = SimpleNamespace(docs=[0, 0], names=([], []))
+    tracemalloc.start()
+    try:
+        lengths = [len(text) for text, _, _ in prep.cut_documents([("cjk", blocks())], lambda i: False, 10**6, stats)]
+    finally:
+        tracemalloc.stop()
+    total = n_blocks * len(block)
+    assert sum(lengths) == total and lengths[:-1] == [prep.MAX_RUN] * (total // prep.MAX_RUN)  # cut every MAX_RUN
+    assert copied < 4 * total, (copied, total)  # copying the carry again on each block: ~80x
+
+
+def test_runs_without_a_safe_point_are_cut_every_max_run_characters(tmp_path):
+    # Shakespeare's letters without spaces or marks (1.5 million), then words: the run is cut a million characters
+    # from its start and nowhere else, whatever the batch size (also above MAX_RUN) or the number of workers
+    plays = sorted(prep.shakespeare_dir().glob("*_gut.txt"))
+    run = "".join(c for p in plays[:20] for c in p.read_text(encoding="utf-8") if c.isalpha())[:1_500_000]
+    text = run + " and then ordinary words, " * 50
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text(text, encoding="utf-8")
+    (tmp_path / "docs" / "b.txt").write_text("a short second document\n", encoding="utf-8")
+    enc, m = load_tokenizer(), prep.MAX_RUN
+    expected = enc.encode_ordinary(text[:m]) + enc.encode_ordinary(text[m:]) + [EOT]
+    assert expected != enc.encode_ordinary(text) + [EOT]  # the cut shows in the tokens
+    for i, (batch_chars, workers) in enumerate([(1000, 1), (3_000_000, 1), (1_000_000, 2)]):
+        meta = prepare(str(tmp_path / "docs"), name=f"r{i}", out_root=str(tmp_path / "out"), val_fraction=0.5,
+                       batch_chars=batch_chars, workers=workers, progress=False)
+        assert read_split(tmp_path / "out" / f"r{i}", "train").tolist() == expected, (batch_chars, workers)
 
 
 def test_txt_input_does_not_import_pyarrow(tmp_path):
