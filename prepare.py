@@ -322,24 +322,48 @@ def documents(files, text_key, block, advance):
 # -----------------------------------------------------------------------------
 # splitting and tokenizing
 
-def split_one(name, text, val_fraction):
-    """The one-document rule: its train and val parts as two documents, and the rule's description. The cut is
-    just after the blank line, line break or space nearest the target, never so far that val is off by half."""
-    target = int(len(text) * (1.0 - val_fraction))
-    slack, cut = (len(text) - target) // 2, target
-    for sep in ("\n\n", "\n", " "):
-        cuts = [i + len(sep) for i in (text.rfind(sep, 0, target), text.find(sep, target)) if i >= 0]
-        cuts = [c for c in cuts if 0 < c < len(text) and abs(c - target) <= slack]
-        if cuts:
-            cut = min(cuts, key=lambda c: abs(c - target))
-            break
-    for part, split in ((text[:cut], "train"), (text[cut:], "val")):
-        if not part.strip():
-            raise PrepareError(f"the {split} split is empty (1 document, --val_fraction={val_fraction}); give more "
-                               "text or change --val_fraction")
-    return [(f"{name}[:{cut}]", (text[:cut],)), (f"{name}[{cut}:]", (text[cut:],))], \
-        (f"one document: characters [{cut}:] of {len(text)} (the last ~{val_fraction:g}, cut at a "
+def split_one(read, val_fraction, advance):
+    """The one document's train and val parts as two documents, and the rule's text. read(advance) reads it afresh
+    as (name, blocks): three reads (count, find the cut, tokenize) keep memory flat for any size. The cut is just
+    after the blank line, line break or space nearest the target, never so far that val is off by half."""
+    n, first, last = 0, None, 0  # characters; where the text that is not whitespace starts and ends
+    for block in next(read(lambda _: None))[1]:
+        if block.strip():
+            first = n + len(block) - len(block.lstrip()) if first is None else first
+            last = n + len(block.rstrip())
+        n += len(block)
+    target = int(n * (1.0 - val_fraction))
+    cut = find_cut(next(read(lambda _: None))[1], n, target, slack=(n - target) // 2)
+    if first >= cut or last <= cut:
+        raise PrepareError(f"the {'train' if first >= cut else 'val'} split is empty (1 document, --val_fraction="
+                           f"{val_fraction}); give more text or change --val_fraction")
+    name, blocks = next(read(advance))
+    blocks, rest = iter(blocks), []
+
+    def head(pos=0):  # the blocks before the cut, leaving the rest of the one it falls in to `rest`
+        for block in blocks:
+            if pos + len(block) >= cut:
+                rest.append(block[cut - pos:])
+                yield block[:cut - pos]
+                return
+            pos += len(block)
+            yield block
+    return [(f"{name}[:{cut}]", head()), (f"{name}[{cut}:]", itertools.chain(rest, blocks))], \
+        (f"one document: characters [{cut}:] of {n} (the last ~{val_fraction:g}, cut at a "
          "paragraph/line/space boundary) go to val")
+
+
+def find_cut(blocks, n, target, slack):
+    """split_one's cut in a stream of blocks: for "\\n\\n", else "\\n", else " ", the nearer (the earlier on a tie)
+    of the last one that ends by target and the first one that starts from it, if within slack; else target."""
+    best, pos, tail = {}, 0, ""
+    for block in blocks:
+        text, base, pos, tail = tail + block, pos - len(tail), pos + len(block), block[-1:]  # a "\n\n" may straddle
+        for sep in ("\n\n", "\n", " "):
+            for i in (text.rfind(sep, 0, max(0, target - base)), text.find(sep, max(0, target - base))):
+                if i >= 0 and (c := base + i + len(sep)) < n and abs(c - target) <= slack:
+                    best[sep] = min(best.get(sep, c), c, key=lambda c: (abs(c - target), c))
+    return next((best[sep] for sep in ("\n\n", "\n", " ") if sep in best), target)
 
 
 def safe_cut(text, lo, hi):
@@ -531,14 +555,13 @@ def prepare(input_path=None, name=None, out_root="data", val_fraction=0.1, text_
         rule = (f"whole documents: {order}, every k-th with k=round(1/val_fraction)={k} "
                 f"(positions {k - 1}, {2 * k - 1}, ...; the last one if there are fewer) goes to val")
         n = 1 if one_file else sum(stats.docs)
-        if n < 2:  # one document (or none): read whole, cut by characters, tokenized (again)
-            docs = [(doc, "".join(pieces)) for doc, pieces in read(bar.update if one_file else lambda _: None)]
-            if not docs:
+        if n < 2:  # one document (or none): cut by characters, read again in blocks
+            if next(read(lambda _: None), None) is None:
                 where = input_path if input_path is not None else "the Shakespeare corpus"
                 what = "a non-empty UTF-8 .txt file" if one_file else \
                     "non-empty UTF-8 .txt, .jsonl, .jsonl.gz or .parquet files"
                 raise PrepareError(f"empty corpus: no text in {where}; pass {what}")
-            parts, rule = split_one(*docs[0], val_fraction)
+            parts, rule = split_one(read, val_fraction, bar.update if one_file else lambda _: None)
             stats = run(parts, lambda i: i == 1)
         elif stats.docs[1] == 0:  # fewer than k documents: tokenized again, with the last one in val
             stats = run(read(lambda _: None), lambda i: i == n - 1)

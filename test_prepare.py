@@ -348,6 +348,38 @@ def test_memory_stays_flat_as_the_corpus_grows(tmp_path):
         assert large - small < 0.25 * text_mb, (who, peaks, text_mb)  # holding the text or its tokens: more
 
 
+ONE_FILE_RSS = """
+import resource, sys
+import prepare
+prepare.load_tokenizer()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+prepare.prepare(sys.argv[1], out_root=sys.argv[2], workers=1, batch_chars=100_000, progress=False)
+print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_one_file_is_read_in_blocks(tmp_path):
+    # a 60 MB one-document .txt: counted, cut and tokenized a block at a time, so peak RSS grows by less than
+    # an eighth of the file (a few batches of 100,000 characters and their tokens); held whole, it grew 2.8x the file
+    play_text = "".join(play(200_000, i) for i in range(6))
+    path = tmp_path / "long.txt"
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(60_000_000 // len(play_text.encode())):
+            f.write(play_text)
+    size = path.stat().st_size
+    try:
+        r = subprocess.run([sys.executable, "-c", ONE_FILE_RSS, str(path), str(tmp_path / "out")], cwd=HERE,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        before, after = [int(v) * 1024 for v in r.stdout.split()[-2:]]
+        meta = json.loads((tmp_path / "out" / "long" / "meta.json").read_text())
+        assert meta["n_train_tokens"] > 10_000_000 and meta["val_documents"][0].startswith("long.txt[")
+        assert after - before < size / 8, (before, after, size)
+    finally:
+        path.unlink()
+        shutil.rmtree(tmp_path / "out")
+
+
 def test_text_without_spaces_is_cut_in_linear_time():
     # 30 MB (UTF-8) of Chinese without a space has no safe cut point. Each string the cutter makes is memory
     # tracemalloc sees, so the peak while it handles one block, over what was held before, counts the characters
