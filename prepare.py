@@ -465,7 +465,7 @@ def tokenize(docs, to_val, out, bar, pool, workers, args, batch_chars):
 
 class Output:
     """train.bin, val.bin and meta.json grow under temporary names next to the final ones, so that a failed run
-    leaves no half dataset: commit() renames the three back to back; abort() removes them and the folders made."""
+    leaves no half dataset: commit() renames the three; abort() removes them and the folders made."""
 
     def __init__(self, folder):
         self.folder, self.files = Path(folder), []
@@ -475,8 +475,7 @@ class Output:
 
     def reset(self):  # (re)start with three empty files
         self.close()
-        for tmp in self.tmp.values():
-            self.files.append(open(tmp, "wb"))
+        self.files = [open(tmp, "wb") for tmp in self.tmp.values()]
         self.tokens, self.chars, self.bytes = [0, 0], [0, 0], 0
 
     def write(self, train_ids, val_ids, chars, n_bytes):
@@ -491,13 +490,27 @@ class Output:
             self.files.pop().close()
 
     def commit(self, meta):
+        """The files in place, meta.json first: its token counts then refuse (read_tokens) any .bin file left from
+        before by a run killed between the renames. On an error the old files, kept as hard links, come back."""
         self.files[2].write((json.dumps(meta, indent=2) + "\n").encode())
         for f in self.files:
             f.flush()
             os.fsync(f.fileno())
         self.close()
-        for final, tmp in self.tmp.items():  # back to back, so the three files stay in step
-            os.replace(tmp, self.folder / final)
+        kept = {f: self.folder / f"{f}.old{os.getpid()}" for f in self.tmp if (self.folder / f).exists()}
+        try:
+            for f in kept:
+                os.link(self.folder / f, kept[f])
+            for f in ("meta.json", "train.bin", "val.bin"):
+                os.replace(self.tmp[f], self.folder / f)
+        except BaseException:
+            for f in self.tmp:  # the renamed ones back as they were
+                if not self.tmp[f].exists():
+                    os.replace(kept[f], self.folder / f) if f in kept else (self.folder / f).unlink()
+            raise
+        finally:
+            for old in kept.values():
+                old.unlink(missing_ok=True)
 
     def abort(self):
         self.close()
@@ -614,29 +627,36 @@ def dataset_tokenizer(folder):
                          meta.get("tokenizer_pattern", "cl100k"))[0]
 
 
-def token_dtype(folder):
-    """The dtype of folder's .bin files, from its meta.json; without one, uint16 as nanoGPT's files."""
-    name = (read_meta(folder) or {}).get("dtype", "uint16")
-    if name not in ("uint16", "uint32"):
-        raise PrepareError(f"{os.path.join(folder, 'meta.json')} says dtype {name!r}: token files must be uint16 or "
-                           "uint32; prepare the data again")
-    return np.dtype(name)
+def token_file(folder, split):
+    """(path, dtype, tokens) of folder/split.bin: the dtype from meta.json (uint16 without one, as nanoGPT's files),
+    the size checked against the token count it records, so that files of two runs are never read as one dataset."""
+    path, meta_path = os.path.join(folder, f"{split}.bin"), os.path.join(folder, "meta.json")
+    if not os.path.exists(path):
+        raise PrepareError(f"no {split} data at {path}: run `python prepare.py` first (or prepare.py --input="
+                           f"FILE_OR_DIR --name={os.path.basename(folder)} for your own text), or set "
+                           "--data_dir/--dataset")
+    meta = read_meta(folder) or {}
+    dtype, size, n = meta.get("dtype", "uint16"), os.path.getsize(path), meta.get(f"n_{split}_tokens")
+    if dtype not in ("uint16", "uint32"):
+        raise PrepareError(f"{meta_path} says dtype {dtype!r}: token files must be uint16 or uint32; prepare the "
+                           "data again")
+    if n is not None and size != n * np.dtype(dtype).itemsize:
+        raise PrepareError(f"{path} holds {size:,} bytes but {meta_path} records {n:,} {dtype} tokens: the files come "
+                           "from two runs (one stopped while replacing them?); run prepare.py again")
+    return path, np.dtype(dtype), size // np.dtype(dtype).itemsize
 
 
 def read_tokens(folder, split):
     """folder/split.bin as a read-only memmap; open it afresh per batch, as a memmap keeps every page it read."""
-    return np.memmap(os.path.join(folder, f"{split}.bin"), dtype=token_dtype(folder), mode="r")
+    path, dtype, _ = token_file(folder, split)
+    return np.memmap(path, dtype=dtype, mode="r")
 
 
 def check_data(data_dir, dataset, block_size, vocab_size):
-    """What train.py checks before it starts: both splits exist, hold a window, and fit the vocabulary."""
+    """What train.py checks before it starts: both splits exist, match meta.json, hold a window, fit the vocabulary."""
     folder = os.path.join(data_dir, dataset)
     for split in ("train", "val"):
-        path = os.path.join(folder, f"{split}.bin")
-        if not os.path.exists(path):
-            raise PrepareError(f"no {split} data at {path}: run `python prepare.py` first (or prepare.py --input="
-                               f"FILE_OR_DIR --name={dataset} for your own text), or set --data_dir/--dataset")
-        n_tokens = os.path.getsize(path) // token_dtype(folder).itemsize
+        path, _, n_tokens = token_file(folder, split)
         if n_tokens <= block_size + 1:
             raise PrepareError(f"{path} holds {n_tokens} tokens, too few for block_size {block_size}: give more "
                                "text or a smaller --block_size")

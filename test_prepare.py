@@ -695,3 +695,84 @@ def test_failed_run_leaves_old_files_untouched(tmp_path):
     assert_clean_error(r, "zz_last.txt", "UTF-8")
     assert {f: (out / f).read_bytes() for f in before} == before
     assert sorted(p.name for p in out.iterdir()) == sorted(before)  # no temp files left behind
+
+
+# -----------------------------------------------------------------------------
+# replacing a dataset: all old or all new, and a mix from a killed run is refused
+
+def two_tokenizer_datasets(tmp_path):
+    """data/keep prepared with a 70,001-id ranks file (uint32), and a corpus that GPT-2 (uint16) tokenizes."""
+    make_corpus(tmp_path / "old", 4)
+    ranks = big_vocab_tokenizer_file(tmp_path)
+    prepare(str(tmp_path / "old"), name="keep", out_root=str(tmp_path / "data"), tokenizer=str(ranks),
+            tokenizer_pattern="r50k", eot_token=70000, workers=1, progress=False)
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "a.txt").write_text(play(30000, 4), encoding="utf-8")
+    (tmp_path / "new" / "b.txt").write_text(play(20000, 5), encoding="utf-8")
+    return tmp_path / "data" / "keep"
+
+
+@pytest.mark.parametrize("failing", [1, 2, 3])
+def test_a_failed_rename_puts_the_old_dataset_back(tmp_path, monkeypatch, failing):
+    out = two_tokenizer_datasets(tmp_path)
+    before = snapshot(out)
+    assert json.loads(before["meta.json"])["dtype"] == "uint32"
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):  # the disk refuses one of the renames that put the new files in place
+        calls.append(Path(dst).name)
+        if len(calls) == failing:
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="No space left"):
+        prepare(str(tmp_path / "new"), name="keep", out_root=str(tmp_path / "data"), workers=1, progress=False)
+    assert snapshot(out) == before  # all old: same files, same bytes, nothing left over
+    monkeypatch.setattr(os, "replace", real_replace)
+    meta = prepare(str(tmp_path / "new"), name="keep", out_root=str(tmp_path / "data"), workers=1, progress=False)
+    assert json.loads((out / "meta.json").read_text()) == meta and meta["dtype"] == "uint16"  # all new
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+
+
+KILLED_AT_A_RENAME = """
+import json, os, signal, sys
+import prepare
+real_replace, calls = os.replace, []
+def replace(src, dst):
+    calls.append(dst)
+    if len(calls) == int(sys.argv[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_replace(src, dst)
+os.replace = replace
+prepare.prepare(*sys.argv[2:4], workers=1, progress=False, **json.loads(sys.argv[4]))
+"""
+
+
+@pytest.mark.parametrize("case", ["over_uint32", "fresh_uint32"])
+def test_train_refuses_what_a_killed_run_leaves(tmp_path, case):
+    # kill -9 between two renames. Over a uint32 dataset, at the second: meta.json is the new run's (GPT-2, uint16),
+    # train.bin the old run's (uint32). A first uint32 dataset, at the third: meta.json and train.bin, no val.bin.
+    # Either way train.py must stop with one line, never read uint32 files as uint16 ids without a word
+    out = two_tokenizer_datasets(tmp_path)
+    if case == "over_uint32":
+        args, kill_at, words = [str(tmp_path / "new"), "keep", {}], 2, ["train.bin holds", "meta.json records"]
+    else:
+        args, kill_at, words = [str(tmp_path / "old"), "fresh", dict(tokenizer=str(tmp_path / "gpt2_ranks.tiktoken"),
+                                tokenizer_pattern="r50k", eot_token=70000)], 3, ["no val data"]
+    r = subprocess.run([sys.executable, "-c", KILLED_AT_A_RENAME, str(kill_at), args[0], args[1],
+                        json.dumps({"out_root": str(tmp_path / "data"), **args[2]})], cwd=HERE, capture_output=True,
+                       timeout=120)
+    assert r.returncode == -signal.SIGKILL
+    if case == "over_uint32":
+        assert json.loads((out / "meta.json").read_text())["dtype"] == "uint16"
+        with pytest.raises(prep.PrepareError, match="train.bin holds .* bytes but .* records .* run prepare.py again"):
+            prep.read_tokens(str(out), "train")
+    tiny = ["--n_layer=1", "--n_head=1", "--n_embd=16", "--d_ff=32", "--block_size=16", "--batch_size=2",
+            "--max_iters=2", "--eval_iters=1", "--warmup_iters=1"]
+    r = subprocess.run([sys.executable, str(HERE / "train.py"), f"--data_dir={tmp_path / 'data'}",
+                        f"--dataset={args[1]}", "--vocab_size=70016", f"--out_dir={tmp_path / 'run'}", "--device=cpu",
+                        *tiny], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    line = assert_clean_error(r, *words, "prepare.py")
+    assert line.startswith("train.py: error: ")
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
