@@ -1,42 +1,147 @@
 """
-Checkpoints: out_dir/ckpt.pt, written by train.py and read by train.py (resume), sample.py and
-edit_experiment.py. A checkpoint is a dict:
+Checkpoints: out_dir/ckpt/, a torch.distributed.checkpoint (DCP) folder. train.py writes it; train.py (resume),
+sample.py, eval.py and edit_experiment.py read it with load(). Every process of a run writes its own pieces in
+parallel: its rows of a sharded STEM table and their optimizer state, its FSDP shard of the dense weights and of
+their AdamW state. So no process ever holds the whole model to save it, and a run resumes on any number of
+processes (DCP reshards), or on one without torchrun. The state, a nested dict:
 
-    model           the model's state_dict, from the bare model (no torch.compile or DDP prefixes)
-    model_args      the GPTConfig fields, enough to rebuild the model
-    optimizer       the dense AdamW's state; stem_optimizer: the row optimizer's (None for stem_optim=dense)
-    iter_num, best_val_loss, config (every train.py setting), rng (torch's generators, one entry per rank)
+    model           the model's state_dict by parameter name (names of the bare model: no compile/DDP prefixes)
+    optimizer       the dense AdamW's, by parameter name (torch.distributed.checkpoint.state_dict's layout)
+    stem_optimizer  the row optimizer's moments, step counts and decay; None with stem_optim=dense
+    model_args      the GPTConfig fields, and config, every train.py setting (both as JSON: lists stay whole)
+    iter_num, best_val_loss, rng (torch's generators, one entry per rank)
 
-A run with its STEM table sharded over ranks (train.py --stem_shard=True) writes the same file: rank 0 gathers the
-whole table and the row optimizer's full-vocab state (stem_shard.py), and a resumed rank reads only its rows of
-the memory-mapped file, so a checkpoint resumes on any number of processes.
+A save writes out_dir/ckpt.tmp/, then renames it to ckpt/ (the previous one moved to ckpt.old/ and deleted
+after), so a save killed at any moment leaves a complete checkpoint: load() reads ckpt.old/ when a kill fell
+between the two renames. One file instead of a folder (to copy it around, or for other tools):
+    python -m torch.distributed.checkpoint.format_utils dcp_to_torch_save out/ckpt out/ckpt.pt
+load() reads such a file too, whole (sample.py, eval.py); train.py resumes from the folder only, and
+`... format_utils torch_save_to_dcp out/ckpt.pt out/ckpt` turns the file back into one.
 """
 
+import json
 import os
+import shutil
+import warnings
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from configurator import ConfigError
 from model import GPT, GPTConfig
 
+NAME = "ckpt"  # out_dir/ckpt/
 
-def load(path):
+
+def _rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save(out_dir, state):
+    """Write state (this process's pieces: DTensors where sharded) as out_dir/ckpt/, atomically. Every process of
+    the run calls it at once."""
+    final, tmp, old = (os.path.join(out_dir, NAME + ext) for ext in ("", ".tmp", ".old"))
+    if _rank() == 0:
+        _recover(out_dir)
+        shutil.rmtree(tmp, ignore_errors=True)  # what a killed save left
+    _barrier()
+    state = {**state, "model_args": json.dumps(state["model_args"]), "config": json.dumps(state["config"])}
+    with warnings.catch_warnings():  # (one process: DCP says it assumes so)
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())  # returns once every rank's part is in
+    if _rank() == 0:
+        if os.path.exists(final):
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    _barrier()  # no rank runs ahead (and, at the end of a run, exits) before the checkpoint is in place
+
+
+def _recover(out_dir):
+    """A kill between save's two renames leaves no ckpt/, and the previous checkpoint in ckpt.old/: put it back."""
+    final, old = os.path.join(out_dir, NAME), os.path.join(out_dir, NAME + ".old")
+    if not os.path.exists(final) and os.path.isdir(old):
+        os.replace(old, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find(path):
+    """The checkpoint at path: an out_dir, a checkpoint folder, or a .pt file; a one-line error if there is none."""
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, ".metadata")):  # an out_dir
+        for name in (NAME, NAME + ".old", "ckpt.pt"):
+            if os.path.exists(os.path.join(path, name, ".metadata") if name != "ckpt.pt" else os.path.join(path, name)):
+                return os.path.join(path, name)
+        raise ConfigError(f"no checkpoint in {path}: train one with `python train.py`, or point --out_dir at one")
     if not os.path.exists(path):
         raise ConfigError(f"no checkpoint at {path}: train one with `python train.py`, or point --out_dir at one")
-    try:  # mmap: the ranks of a DDP run share the file's pages instead of each reading a copy
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    return path
+
+
+def load(path, given=None, keys=None):
+    """The checkpoint at path (see find) as a nested dict on the CPU, every tensor whole. given: part of the state
+    (e.g. this rank's DTensor pieces of a sharded run, or tensors already allocated): those are filled in place,
+    and returned in their places, instead of being read whole. keys: read only these top-level entries."""
+    path = find(path)
+    try:
+        if not os.path.isdir(path):
+            if given is not None:
+                raise ConfigError(f"{path} is one file; train.py resumes from a checkpoint folder: python -m "
+                                  f"torch.distributed.checkpoint.format_utils torch_save_to_dcp {path} FOLDER")
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        else:
+            reader = FileSystemReader(path)
+            metadata = reader.read_metadata()
+            state = {}
+            for key, item in metadata.state_dict_metadata.items():  # everything saved, whole unless given
+                where = metadata.planner_data[key]  # the key's path in the nested dict
+                if keys is not None and where[0] not in keys:
+                    continue
+                value = _get(given, where)
+                if value is None and isinstance(item, TensorStorageMetadata):
+                    value = torch.empty(item.size, dtype=item.properties.dtype)
+                _put(state, where, value)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "torch.distributed is disabled")
+                dcp.load(state, storage_reader=reader, no_dist=not dist.is_initialized())
+    except ConfigError:
+        raise
     except Exception as e:
-        raise ConfigError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+        raise ConfigError(f"cannot read checkpoint {path}: {type(e).__name__}: {' '.join(str(e).split())[:300]}") \
+            from None
+    if "model_args" not in state or "model" not in state and keys is None:
+        raise ConfigError(f"{path} is not a stem-gpt checkpoint (no model or model_args): point --out_dir at one")
+    for key in ("model_args", "config"):
+        if isinstance(state.get(key), str):
+            state[key] = json.loads(state[key])
+    return state
 
 
-def save(path, state):
-    """Write a temporary file beside path, then rename it over path: a kill at any moment leaves the old
-    checkpoint or the new one, whole (os.replace is atomic within a filesystem)."""
-    with open(path + ".tmp", "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+def _get(tree, where):
+    for k in where:
+        if tree is None:
+            return None
+        tree = tree.get(k) if isinstance(tree, dict) else tree[k] if k < len(tree) else None
+    return tree
+
+
+def _put(tree, where, value):
+    for k, nxt in zip(where, where[1:]):
+        if isinstance(tree, list):
+            tree.extend([None] * (k + 1 - len(tree)))
+        if (tree[k] if isinstance(tree, list) else tree.get(k)) is None:
+            tree[k] = [] if isinstance(nxt, int) else {}
+        tree = tree[k]
+    if isinstance(tree, list):
+        tree.extend([None] * (where[-1] + 1 - len(tree)))
+    tree[where[-1]] = value
 
 
 def load_model(path):

@@ -1,9 +1,9 @@
 """
 STEM tables split by rows over the processes of a torchrun job (train.py --stem_shard=True).
 
-Under plain DDP every rank holds the whole table and its optimizer state. Here rank r owns one contiguous block of
-rows (shard_bounds: vocab/world each, give or take one) and their row-wise AdamW state; the dense weights stay
-DDP replicas. Recommendation trainers shard embeddings the same way (TorchRec's row-wise sharding), and STEM suits
+Without it every rank holds the whole table and its optimizer state. Here rank r owns one contiguous block of
+rows (shard_bounds: ceil(vocab / world) each, torch.chunk's split, the last ranks fewer) and their row-wise AdamW
+state; FSDP2 shards the dense weights (train.py), and leaves the table to this module. Recommendation trainers shard embeddings the same way (TorchRec's row-wise sharding), and STEM suits
 it better still: every rank knows its batch's ids before the forward, so its rows can be on their way early.
 
 ShardedRowAdamW is stem_sparse.SparseRowAdamW over this rank's shard: the update arithmetic, the merges, the
@@ -38,9 +38,10 @@ not one per GPU.
 Two sharded ranks give the bits of two replicated DDP ranks: the owners' merges are the all-gather's sums, in the
 same order (test_shard.py checks it through train.py, and 3 ranks against the replicated optimizer).
 
-Checkpoints stay the single-file ckpt.pt of one process: gather_state() brings the table and every state tensor
-to rank 0 shard by shard, into one full tensor each, and load_state_dict takes this rank's rows of a full state,
-so a run resumes on any number of processes (or on one, without this module).
+Checkpoints (checkpoint.py, torch.distributed.checkpoint): state_dict() gives this rank's rows of the table's state
+as DTensors sharded by rows (global_rows does the table itself), so every rank writes its own rows and a run
+resumes on any number of processes: DCP hands each rank the rows shard_bounds gives it, since a DTensor's Shard(0)
+is torch.chunk's split too.
 """
 
 import math
@@ -49,17 +50,27 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard
 
 from model import GPT, StemRows
 from stem_offload import OffloadedRowAdamW
-from stem_sparse import SparseRowAdamW, merge_rows
-
-GATHER_BYTES = 64 * 2 ** 20  # gather_state sends a shard in pieces of this size (bounds the device buffer)
-
+from stem_sparse import SparseRowAdamW, merge_rows, sum_of_squares
 
 def shard_bounds(vocab_size, world):
-    """[world + 1] row boundaries: rank r owns rows bounds[r]..bounds[r + 1] - 1 (vocab / world, give or take one)."""
-    return [vocab_size * r // world for r in range(world + 1)]
+    """[world + 1] row boundaries: rank r owns rows bounds[r]..bounds[r + 1] - 1, ceil(vocab / world) each, the last
+    ranks fewer (torch.chunk's split, which a DTensor's Shard(0) and so a checkpoint's resharding follow)."""
+    per_rank = -(-vocab_size // world)
+    return [min(vocab_size, per_rank * r) for r in range(world + 1)]
+
+
+def global_rows(local, vocab_size):
+    """This rank's rows of a [vocab_size, ...] tensor as a DTensor sharded by rows over every rank (checkpoint.py
+    saves and loads it piece by piece). The mesh is on the rows' own device: an offloaded shard stays on the host."""
+    mesh = init_device_mesh(local.device.type, (dist.get_world_size(),))
+    shape = (vocab_size, *local.shape[1:])
+    return DTensor.from_local(local, mesh, [Shard(0)], shape=shape, stride=torch.empty(shape, device="meta").stride(),
+                              run_check=False)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -88,16 +99,13 @@ class _ShardedGPT(GPT):
                 self._parameters["stem_table"] = table
 
 
-def sharded_gpt(config, rank, world, dtype=torch.float32, table=None):
+def sharded_gpt(config, rank, world, dtype=torch.float32, draw=True):
     """The GPT of config, built after the caller's torch.manual_seed, holding only rank's rows of the STEM table:
-    the rows of `table` (a checkpoint's whole table: only those rows are read), or else the values GPT(config)
-    would have drawn for them. The whole table is never written (GPT's torch.empty of it stays untouched): its
-    random numbers are drawn piece by piece and this rank's rows kept, so every other weight is GPT's too."""
+    the values GPT(config) would have drawn for them (draw=False: left empty, for a checkpoint to fill). The whole
+    table is never written (GPT's torch.empty of it stays untouched): its random numbers are drawn piece by piece
+    and this rank's rows kept, so every other weight is GPT's too."""
     lo, hi = shard_bounds(config.vocab_size, world)[rank:rank + 2]
-    model = _ShardedGPT(config, lo, hi, dtype, draw=table is None)  # with a checkpoint, its weights count
-    if table is not None and model.stem_table is not None:
-        model.stem_table.data.copy_(table[lo:hi])
-    return model
+    return _ShardedGPT(config, lo, hi, dtype, draw)
 
 
 def draw_normal_rows(n_rows, width, lo, hi, std, dtype):
@@ -293,7 +301,8 @@ class ShardedRowAdamW(SparseRowAdamW):
 
     def grad_sq_norm(self):
         """The sum of squares over every owner's merged rows: the same on every rank (one all_reduce)."""
-        local = self.grad[1].float().pow(2).sum() if self.grad is not None else torch.zeros((), device=self.device)
+        local = sum_of_squares(self.grad[1]) if self.grad is not None else \
+            torch.zeros((), dtype=torch.float64, device=self.device)
         local = local.to(self.device)
         self._send_unsent()
         dist.all_reduce(local, group=self.group)
@@ -330,43 +339,14 @@ class ShardedRowAdamW(SparseRowAdamW):
         self.incoming = self.unsent = None
         super().close()
 
-    # -- checkpoints: the whole table, as one process holds it -----------------------------------------------
+    def state_dict(self):
+        """This rank's rows of the state, as DTensors of the whole vocabulary (checkpoint.py); load_state_dict takes
+        them back, or the local rows alone."""
+        state = super().state_dict()
+        return {k: v if k == "decay" else global_rows(v, self.vocab_size) for k, v in state.items()}
 
     def load_state_dict(self, state):
-        """state: a whole table's optimizer state (ckpt.pt's stem_optimizer, from any number of processes):
-        this rank takes its rows."""
-        super().load_state_dict({k: v if k == "decay" else v[self.lo:self.hi] for k, v in state.items()})
-
-    def gather_state(self, dst=0):
-        """(the whole table, the whole optimizer state) on rank dst, tensors as one process's SparseRowAdamW has
-        them; (None, None) on the other ranks. Each tensor is received shard by shard into its one full copy."""
-        self._send_unsent()
-        state = self.state_dict()  # (waits for an offloaded shard's queued updates)
-        full = {name: self._gather_rows(t, dst) for name, t in [("table", self.table.detach()), *state.items()]
-                if name != "decay"}
-        if self.rank != dst:
-            return None, None
-        table = full.pop("table")
-        return table, {**full, "decay": state["decay"]}
-
-    def _gather_rows(self, shard, dst):
-        comm = self.device if dist.get_backend(self.group) == "nccl" else torch.device("cpu")
-        out = torch.empty((self.vocab_size, *shard.shape[1:]), dtype=shard.dtype) if self.rank == dst else None
-        row_bytes = max(1, math.prod(shard.shape[1:]) * shard.element_size())
-        piece = max(1, GATHER_BYTES // row_bytes)
-        for r in range(self.world):
-            lo, hi = self.bounds[r], self.bounds[r + 1]
-            for a in range(lo, hi, piece):
-                b = min(a + piece, hi)
-                if r == self.rank == dst:
-                    out[a:b] = shard[a - lo:b - lo]
-                elif r == self.rank:
-                    dist.send(shard[a - lo:b - lo].to(comm).contiguous(), dst, group=self.group)
-                elif self.rank == dst:
-                    buf = out[a:b] if comm.type == "cpu" else torch.empty_like(out[a:b], device=comm)
-                    dist.recv(buf, r, group=self.group)
-                    out[a:b] = buf
-        return out
+        super().load_state_dict({k: v.to_local() if isinstance(v, DTensor) else v for k, v in state.items()})
 
 
 class ShardedOffloadedRowAdamW(ShardedRowAdamW, OffloadedRowAdamW):

@@ -33,6 +33,7 @@ import mmap
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from model import StemRows
 
@@ -186,7 +187,7 @@ class SparseRowAdamW:
             self.grad = merge_rows(ids, g / dist.get_world_size()) if ids.numel() else None
 
     def grad_sq_norm(self):
-        return self.grad[1].float().pow(2).sum()
+        return sum_of_squares(self.grad[1])
 
     def scale_grad(self, factor):
         if self.grad is not None:
@@ -257,20 +258,36 @@ class SparseRowAdamW:
         self.decay = float(state["decay"])
 
 
+def sum_of_squares(t, chunk=1 << 20):
+    """The sum of t's squares in float64, a chunk at a time (a float64 copy of t would be twice its size). In
+    float64 it rounds to the same float32 however t is split (FSDP's shards, a sharded table's rows) and summed:
+    the clipping scale, and so training, is the same on any number of processes."""
+    flat = t.reshape(-1)
+    total = torch.zeros((), dtype=torch.float64, device=t.device)
+    for i in range(0, flat.numel(), chunk):
+        total += flat[i:i + chunk].double().pow(2).sum()
+    return total
+
+
 def clip_grad_norm_(parameters, max_norm, row_optimizer=None):
-    """torch.nn.utils.clip_grad_norm_ over the dense gradients and the sparse row gradients together.
+    """torch.nn.utils.clip_grad_norm_ over the dense gradients and the sparse row gradients together. Under FSDP2
+    each rank holds a shard of every dense gradient (a DTensor): their squares are summed over the ranks.
     Returns the total norm before clipping."""
     grads = [p.grad for p in parameters if p.grad is not None]
-    squares = [torch.linalg.vector_norm(g.float()) ** 2 for g in grads]
+    pieces = [g.to_local() if isinstance(g, DTensor) else g for g in grads]  # the same tensors' storage
+    squares = [sum_of_squares(g) for g in pieces]
+    if any(isinstance(g, DTensor) for g in grads):
+        squares = [torch.stack(squares).sum()]
+        dist.all_reduce(squares[0])
     if row_optimizer is not None and row_optimizer.grad is not None:
         squares.append(row_optimizer.grad_sq_norm())
     if not squares:
         return torch.zeros(())
     total = torch.stack([s.to(squares[0].device) for s in squares]).sum().sqrt()
     if max_norm > 0:
-        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        if grads:
-            torch._foreach_mul_(grads, scale.to(grads[0].device))
+        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0).float()
+        if pieces:
+            torch._foreach_mul_(pieces, scale.to(pieces[0].device))
         if row_optimizer is not None:
             row_optimizer.scale_grad(scale)
     return total

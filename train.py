@@ -1,10 +1,10 @@
 """
-Train a GPT whose FFNs are STEM (default), SwiGLU or MoE, on one process or several (torchrun, DDP):
+Train a GPT whose FFNs are STEM (default), SwiGLU or MoE, on one process or several (torchrun, FSDP2):
 
     python train.py                                     # a small STEM model on data/shakespeare, on a CPU
     python train.py config/train_gpt2_small_stem.py     # a preset file, then --key=value overrides
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2_small_stem.py  # --stem_shard=True: split table
-Settings: the block below (--help); data: prepare.py's .bin files; out_dir gets log.jsonl and ckpt.pt.
+Settings: the block below (--help); data: prepare.py's .bin files; out_dir gets log.jsonl and ckpt/ (checkpoint.py).
 """
 
 import dataclasses
@@ -22,7 +22,8 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
 from tqdm import tqdm
 
 import checkpoint
@@ -42,7 +43,7 @@ eval_interval = 100  # evaluate (and checkpoint) every this many steps, and afte
 eval_iters = 10  # batches per split in an evaluation; the same batches every time, so evaluations compare
 log_interval = 10  # write a log.jsonl line every this many steps
 always_save_checkpoint = True  # save at every evaluation; False: only when val loss improves (nanoGPT's choice)
-init_from = "scratch"  # "scratch", or "resume" from out_dir/ckpt.pt: N steps, then N more, run as 2N in one go
+init_from = "scratch"  # "scratch", or "resume" from out_dir/ckpt/: N steps, then N more, run as 2N in one go
 # data
 data_dir = "data"  # where prepare.py wrote its folders
 dataset = "shakespeare"  # data_dir/dataset/{train,val}.bin
@@ -86,6 +87,7 @@ stem_state = "full"  # second moment: "full" per element, or "rowwise", one per 
 stem_rounding = "stochastic"  # bfloat16 table: "stochastic" rounding of updates, or "nearest" (loses small ones)
 stem_offload = False  # keep the table and its optimizer state in host memory (stem_offload.py); sparse only
 stem_shard = False  # under torchrun: each rank owns 1/world of the table's rows and their state (stem_shard.py)
+dense_offload = False  # GPU: the dense weights, their gradients and AdamW state in host memory (FSDP2's CPUOffloadPolicy)
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"  # "cpu", "cuda", "cuda:1", ...
 dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"  # no float16
@@ -103,13 +105,14 @@ CHOICES = {"init_from": ("scratch", "resume"), "stem_optim": ("sparse", "dense")
 MODEL_KEYS = [f.name for f in dataclasses.fields(GPTConfig)]
 # a resumed run takes these from its command line, never from the checkpoint
 MACHINE_KEYS = ("init_from", "out_dir", "device", "dtype", "compile", "stem_kernel", "stem_offload", "stem_shard",
-                "plan", "plan_gpu_gb", "plan_world_size")
+                "dense_offload", "plan", "plan_gpu_gb", "plan_world_size")
+RUN_KEYS = ("model_args", "config", "iter_num", "best_val_loss", "rng")  # a checkpoint's entries read before the model
 
 
 def configure(argv):
     """The run: every setting as an attribute, then this process's part in it (setup_distributed fills it in)."""
     settings, explicit = configurator.parse(argv, DEFAULTS, NULLABLE, __file__, __doc__, choices=CHOICES)
-    return SimpleNamespace(**settings, explicit=explicit, ddp=False, rank=0, local_rank=0, world_size=1,
+    return SimpleNamespace(**settings, explicit=explicit, distributed=False, rank=0, local_rank=0, world_size=1,
                            micro_steps=settings["gradient_accumulation_steps"], device_type="cpu",
                            autocast=nullcontext())
 
@@ -132,13 +135,16 @@ def validate(cfg):
 
 
 def setup_distributed(cfg):
-    """Under torchrun: join the process group and pick this rank's device."""
-    cfg.ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    """Under torchrun (and for dense_offload on one process too): join the process group, pick this rank's device."""
+    torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     cfg.device_type = torch.device(cfg.device).type
-    if cfg.stem_shard and not cfg.ddp:
+    if cfg.stem_shard and not torchrun:
         raise ConfigError("stem_shard=True splits the table over torchrun's processes: run `torchrun --standalone "
                           "--nproc_per_node=N train.py ... --stem_shard=True`, or drop --stem_shard")
-    if cfg.ddp:
+    if cfg.dense_offload and cfg.device_type != "cuda":
+        raise ConfigError(f"dense_offload=True keeps the dense weights in host memory while a GPU computes; on "
+                          f"--device={cfg.device} they are there already: drop --dense_offload")
+    if torchrun:
         cfg.world_size, cfg.rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
         cfg.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if cfg.stem_offload and not cfg.stem_shard:
@@ -147,19 +153,22 @@ def setup_distributed(cfg):
         if cfg.gradient_accumulation_steps % cfg.world_size:
             raise ConfigError(f"under torchrun, gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) "
                               f"must be divisible by the {cfg.world_size} processes")
+    cfg.distributed = torchrun or cfg.dense_offload  # FSDP2 needs a process group, of one process too
+    if cfg.distributed:
         if cfg.device_type == "cuda":
             cfg.device = f"cuda:{cfg.local_rank}"
             torch.cuda.set_device(cfg.device)
-        dist.init_process_group(backend="nccl" if cfg.device_type == "cuda" else "gloo")
+        backend = "cuda:nccl,cpu:gloo" if cfg.device_type == "cuda" else "gloo"  # gloo: offloaded shards' metadata
+        dist.init_process_group(backend, **({} if torchrun else dict(store=dist.HashStore(), rank=0, world_size=1)))
     cfg.micro_steps = cfg.gradient_accumulation_steps // cfg.world_size  # this rank's share of a step
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     cfg.autocast = nullcontext() if cfg.dtype == "float32" else torch.autocast(cfg.device_type, dtype=torch.bfloat16)
 
 
-# data: random windows of the token files, drawn so that resuming and DDP reproduce a single run's batches
+# data: random windows of the token files, drawn so that resuming and torchrun reproduce a single run's batches
 
 def window_starts(cfg, split, stream, step, shape):
-    """Offsets from (seed, stream, step) alone: a resumed run redraws step k's batch, every DDP rank the same."""
+    """Offsets from (seed, stream, step) alone: a resumed run redraws step k's batch, every rank the same."""
     n = len(prepare.read_tokens(os.path.join(cfg.data_dir, cfg.dataset), split)) - cfg.block_size  # +1 for y
     return np.random.default_rng([cfg.seed, stream, step]).integers(0, n, size=shape)
 
@@ -195,28 +204,41 @@ def micro_batches(cfg, rows_opt, step, draw=None):
 
 # model, optimizers, one step
 
-def build_model(cfg, ckpt=None):
+def build_model(cfg, resuming=False):
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run with this seed
     config, table_dtype = GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS}), getattr(torch, cfg.stem_dtype)
-    if cfg.stem_shard:  # only this rank's rows of the table: drawn as GPT would, or read from the checkpoint
+    if cfg.stem_shard:  # only this rank's rows of the table (drawn as GPT would, unless a checkpoint fills them)
         from stem_shard import sharded_gpt  # here: the module's name is also a setting's name
-        model = sharded_gpt(config, cfg.rank, cfg.world_size, table_dtype, ckpt and ckpt["model"]["stem_table"])
+        model = sharded_gpt(config, cfg.rank, cfg.world_size, table_dtype, draw=not resuming)
     else:
         model = GPT(config)
         if model.stem_table is not None:
             model.stem_table.data = model.stem_table.data.to(table_dtype)
-    if ckpt is not None:
-        state = ckpt["model"]
-        if cfg.stem_shard:  # the checkpoint's whole table is not this model's: its rows are in already
-            state = {**state, "stem_table": model.stem_table.detach()}
-        model.load_state_dict(state)
     model.stem_kernel = cfg.stem_kernel
     model.stem_table_on_host = cfg.stem_offload  # .to(device) then leaves the table in host memory
-    return model.to(cfg.device)
+    model = model.to(cfg.device)
+    if cfg.distributed:
+        shard_dense(cfg, model)
+    return model
 
 
-def build_optimizers(cfg, model, ckpt=None):
-    """AdamW, and for the STEM table a row-wise optimizer unless stem_optim=dense; from ckpt, its moments only."""
+def shard_dense(cfg, model):
+    """FSDP2: every rank keeps 1/world of each dense weight, gradient and AdamW moment (in host memory with
+    dense_offload), and gathers a block's weights only while the block computes. A sparsely trained STEM table is
+    left out (ignored_params): its rows are stem_sparse's and stem_shard's to move."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    table = model.stem_table if cfg.stem_optim == "sparse" else None
+    bf16 = cfg.dtype == "bfloat16"
+    kwargs = dict(mesh=init_device_mesh(cfg.device_type, (cfg.world_size,)), ignored_params={table} - {None},
+                  mp_policy=MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else MixedPrecisionPolicy(),
+                  offload_policy=CPUOffloadPolicy() if cfg.dense_offload else OffloadPolicy())
+    for block in model.blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+
+
+def build_optimizers(cfg, model):
+    """AdamW, and for the STEM table a row-wise optimizer unless stem_optim=dense."""
     rows_opt = None
     if model.stem_table is not None and cfg.stem_optim == "sparse":
         kwargs = dict(lr_mult=cfg.stem_lr_mult, weight_decay=cfg.stem_weight_decay, betas=(cfg.beta1, cfg.beta2),
@@ -230,15 +252,9 @@ def build_optimizers(cfg, model, ckpt=None):
             rows_opt = OffloadedRowAdamW(model.stem_table, cfg.device, **kwargs)
         else:
             rows_opt = stem_sparse.SparseRowAdamW(model.stem_table, **kwargs)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), cfg.device_type,
+    on = "cpu" if cfg.dense_offload else cfg.device_type  # where AdamW's tensors are: FSDP2 offloads them
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), on,
                                            cfg.stem_lr_mult, cfg.stem_weight_decay, cfg.stem_optim == "dense")
-    if ckpt is not None:
-        current = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        optimizer.load_state_dict(ckpt["optimizer"])
-        for group, settings in zip(optimizer.param_groups, current):
-            group.update(settings)
-        if rows_opt is not None:
-            rows_opt.load_state_dict(ckpt["stem_optimizer"])
     return optimizer, rows_opt
 
 
@@ -259,16 +275,14 @@ def train_step(cfg, model, optimizer, rows_opt, batches, lr):
     loss_sum = torch.zeros((), device=cfg.device)
     for micro in range(cfg.micro_steps):
         X, Y, rows = next(batches)
-        # DDP averages gradients over ranks in the backward; only the last micro-step needs that
-        with model.no_sync() if cfg.ddp and micro < cfg.micro_steps - 1 else nullcontext():
-            with cfg.autocast:
-                loss, aux = model(X, Y, stem_rows=rows, return_aux=True)[1:]  # no logits alive in the backward
-            ((loss + aux) / cfg.micro_steps).backward()  # MoE trains on loss + aux; reported is loss
+        with cfg.autocast:  # (FSDP2 reduce-scatters each micro-step's gradients: none wait unsharded)
+            loss, aux = model(X, Y, stem_rows=rows, return_aux=True)[1:]  # no logits alive in the backward
+        ((loss + aux) / cfg.micro_steps).backward()  # MoE trains on loss + aux; reported is loss
         if rows_opt is not None:
             rows_opt.accumulate(rows)  # merged at once: what waits is one step's distinct rows
         loss_sum += loss.detach().float()
     if rows_opt is not None:
-        rows_opt.sync()  # under DDP: every rank's rows, merged and averaged
+        rows_opt.sync()  # under torchrun: every rank's rows, merged and averaged
     dense = [p for g in optimizer.param_groups if not g.get("stem") for p in g["params"]]
     table = [p for g in optimizer.param_groups if g.get("stem") for p in g["params"]]  # stem_optim=dense
     if cfg.stem_clip == "separate":  # the official rule: the backbone and the tables each to grad_clip
@@ -276,7 +290,7 @@ def train_step(cfg, model, optimizer, rows_opt, batches, lr):
         stem_sparse.clip_grad_norm_(table, cfg.grad_clip, rows_opt)
     else:
         norm = stem_sparse.clip_grad_norm_(dense + table, cfg.grad_clip, rows_opt)
-    if cfg.ddp:
+    if cfg.distributed:
         dist.all_reduce(loss_sum)  # every rank sees the same mean loss, and so stops alike
     loss, norm = loss_sum.item() / cfg.micro_steps / cfg.world_size, norm.item()
     if not (math.isfinite(loss) and math.isfinite(norm)):
@@ -291,19 +305,20 @@ def train_step(cfg, model, optimizer, rows_opt, batches, lr):
 
 @torch.no_grad()
 def estimate_loss(cfg, model, rows_opt):
-    """Mean loss over eval_iters batches per split. DDP ranks share the batches out, so it equals one process's."""
+    """Mean loss over eval_iters batches per split. Ranks share the batches out, so it equals one process's; each
+    runs as many forwards as the busiest (FSDP's and the sharded table's exchanges need every rank), the extra ones
+    repeating a batch and counting nothing."""
     model.eval()
     out = {}  # split -> mean loss
-    rounds, mine = -(-cfg.eval_iters // cfg.world_size), range(cfg.rank, cfg.eval_iters, cfg.world_size)
+    mine = range(cfg.rank, -(-cfg.eval_iters // cfg.world_size) * cfg.world_size, cfg.world_size)
     for stream, split in enumerate(("train", "val"), start=1):  # its own windows, the same every evaluation
         total = torch.zeros((), device=cfg.device)
         for k in mine:
-            _, x, y = get_batch(cfg, split, window_starts(cfg, split, stream, k, cfg.batch_size))
+            _, x, y = get_batch(cfg, split, window_starts(cfg, split, stream, k % cfg.eval_iters, cfg.batch_size))
             with cfg.autocast:
-                total += model(x, y, stem_rows=rows_opt.lookup(x, grad=False) if rows_opt else None)[1].float()
-        if cfg.stem_shard and len(mine) < rounds:  # no batch in the last round, but the others need its rows
-            rows_opt.lookup(torch.zeros(0, cfg.block_size, dtype=torch.long, device=cfg.device), grad=False)
-        if cfg.ddp:
+                loss = model(x, y, stem_rows=rows_opt.lookup(x, grad=False) if rows_opt else None)[1].float()
+            total += loss * (k < cfg.eval_iters)
+        if cfg.distributed:
             dist.all_reduce(total)
         out[split] = total.item() / cfg.eval_iters
     model.train()
@@ -312,25 +327,41 @@ def estimate_loss(cfg, model, rows_opt):
 
 # checkpoints (checkpoint.py) and the log
 
+def training_state(cfg, model, optimizer, rows_opt):
+    """The model's and the optimizers' state by name, as this rank holds it: FSDP's shards and a sharded table's
+    rows as DTensors (checkpoint.py saves and loads them piece by piece). The live tensors, not copies."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    if cfg.stem_shard:
+        from stem_shard import global_rows
+        model_state["stem_table"] = global_rows(model.stem_table.detach(), cfg.vocab_size)
+    return {"model": model_state, "optimizer": optim_state,
+            "stem_optimizer": rows_opt.state_dict() if rows_opt is not None else None}
+
+
 def save_checkpoint(cfg, model, optimizer, rows_opt, iter_num, best_val_loss):
-    """out_dir/ckpt.pt, atomically. The row state comes first: it waits for an offloaded table's queued updates,
-    and raises if one failed, before anything is written. Dropout's generators are saved per rank."""
-    if rows_opt is not None:  # the saved table holds decayed rows: readers of ckpt.pt need no optimizer
+    """out_dir/ckpt/, every rank writing its own pieces. The row state comes first: it waits for an offloaded
+    table's queued updates, and raises if one failed, before anything is written."""
+    if rows_opt is not None:  # the saved table holds decayed rows: readers of the checkpoint need no optimizer
         rows_opt.apply_pending_decay()
-    model_state = model.state_dict()
-    if cfg.stem_shard:  # rank 0 receives the whole table and its state, shard by shard: the one-process format
-        table, stem_state = rows_opt.gather_state(dst=0)
-        model_state = {**model_state, "stem_table": table}
-    else:
-        stem_state = rows_opt.state_dict() if rows_opt is not None else None
-    rngs = [checkpoint.rng_state(cfg.device_type)] * cfg.world_size
-    if cfg.ddp:
+    rngs = [checkpoint.rng_state(cfg.device_type)] * cfg.world_size  # dropout's generators, per rank
+    if cfg.distributed:
         dist.all_gather_object(rngs, rngs[0])
-    if cfg.rank == 0:
-        checkpoint.save(os.path.join(cfg.out_dir, "ckpt.pt"), {
-            "model": model_state, "optimizer": optimizer.state_dict(), "stem_optimizer": stem_state,
-            "model_args": dataclasses.asdict(model.config), "iter_num": iter_num, "best_val_loss": best_val_loss,
-            "config": {k: getattr(cfg, k) for k in DEFAULTS}, "rng": rngs})
+    checkpoint.save(cfg.out_dir, {**training_state(cfg, model, optimizer, rows_opt), "rng": rngs,
+                                  "model_args": dataclasses.asdict(model.config), "iter_num": iter_num,
+                                  "best_val_loss": best_val_loss, "config": {k: getattr(cfg, k) for k in DEFAULTS}})
+
+
+def resume(cfg, model, optimizer, rows_opt):
+    """The checkpoint's weights and optimizer state into this rank's model and optimizers, read piece by piece."""
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    state = checkpoint.load(cfg.out_dir, training_state(cfg, model, optimizer, rows_opt))
+    model_state = {k: v for k, v in state["model"].items() if not (cfg.stem_shard and k == "stem_table")}  # in
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(strict=not cfg.stem_shard))
+    for group, current in zip(optimizer.param_groups, settings):  # this run's settings, the checkpoint's moments
+        group.update(current)
+    if rows_opt is not None:
+        rows_opt.load_state_dict(state["stem_optimizer"])
 
 
 def open_log(path, resume_iter=None):
@@ -343,7 +374,7 @@ def open_log(path, resume_iter=None):
 
 def main(argv):
     cfg = configure(argv)
-    ckpt = checkpoint.load(os.path.join(cfg.out_dir, "ckpt.pt")) if cfg.init_from == "resume" else None
+    ckpt = checkpoint.load(cfg.out_dir, keys=RUN_KEYS) if cfg.init_from == "resume" else None  # small parts only
     if ckpt is not None:  # the model is the checkpoint's, and so is every setting not given again
         checkpoint.adopt_settings(cfg, ckpt, DEFAULTS, MODEL_KEYS, keep=MACHINE_KEYS)
     validate(cfg)
@@ -352,17 +383,13 @@ def main(argv):
     prepare.check_data(cfg.data_dir, cfg.dataset, cfg.block_size, cfg.vocab_size)
     setup_distributed(cfg)
     master = cfg.rank == 0
-    model = build_model(cfg, ckpt)  # what gets saved: no compile or DDP wrapper, so no _orig_mod./module. prefixes
-    optimizer, rows_opt = build_optimizers(cfg, model, ckpt)  # before DDP, which must not see the sparse table
+    model = build_model(cfg, resuming=ckpt is not None)  # saved as is: no compile wrapper, no _orig_mod. prefixes
+    optimizer, rows_opt = build_optimizers(cfg, model)
+    if ckpt is not None:
+        resume(cfg, model, optimizer, rows_opt)
     start_iter, best_val_loss = (ckpt["iter_num"], ckpt["best_val_loss"]) if ckpt else (0, float("inf"))
     checkpoint.restore_rng(cfg, ckpt) if ckpt else torch.manual_seed(cfg.seed + cfg.rank)  # dropout differs by rank
-    ckpt = None  # the checkpoint can be as large as the model three times over: let it go
-    eval_model = torch.compile(model) if cfg.compile else model  # evaluation skips DDP's hooks
-    if cfg.stem_shard:  # DDP would check that the ranks' tables agree in shape, and overwrite them with rank 0's
-        DDP._set_params_and_buffers_to_ignore_for_model(
-            eval_model, [n for n, p in eval_model.named_parameters() if p is model.stem_table])
-    run_model = DDP(eval_model, device_ids=[cfg.local_rank] if cfg.device_type == "cuda" else None) \
-        if cfg.ddp else eval_model
+    run_model = torch.compile(model) if cfg.compile else model
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -380,7 +407,7 @@ def main(argv):
     try:  # the bar closes before an error is printed, so the error is the last line
         for iter_num in range(start_iter, cfg.max_iters + 1):
             if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
-                losses = estimate_loss(cfg, eval_model, rows_opt)
+                losses = estimate_loss(cfg, run_model, rows_opt)
                 if not all(math.isfinite(v) for v in losses.values()):
                     raise ConfigError(f"evaluation loss is not finite at step {iter_num}: training diverged; lower "
                                       f"learning_rate. The last checkpoint in {cfg.out_dir} is untouched")
@@ -409,7 +436,7 @@ def main(argv):
             rows_opt.close()  # an offloaded table: finish its host updates, unlock its memory, stop its worker
     if master:
         print(f"done: step {cfg.max_iters}, train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
-              f"(best {best_val_loss:.4f}); checkpoint in {cfg.out_dir}/ckpt.pt")
+              f"(best {best_val_loss:.4f}); checkpoint in {cfg.out_dir}/ckpt/")
 
 
 if __name__ == "__main__":
