@@ -475,7 +475,7 @@ def bench_prepare():
                 doc = ""
         docs += [doc] if doc.strip() else []
     docs, copies = (docs[:250], 1) if tiny else (docs, 8)  # ~1 MB, or the works 8 times over: ~40 MB
-    texts, enc, cores, cpu = docs * copies, prepare.load_tokenizer(), prepare.n_cores(), {}
+    texts, enc, cores, cpu = docs * copies, prepare.load_tokenizer(), len(os.sched_getaffinity(0)), {}
     mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
     with tempfile.TemporaryDirectory(prefix="bench_prepare_", ignore_cleanup_errors=True) as tmp:
         for c in range(copies):

