@@ -53,7 +53,7 @@ def save(out_dir, state):
         _recover(out_dir)
         shutil.rmtree(tmp, ignore_errors=True)  # what a killed save left
     _barrier()
-    state = {**state, "model_args": json.dumps(state["model_args"]), "config": json.dumps(state["config"])}
+    state = {**state, **{k: json.dumps(state[k]) for k in ("model_args", "config") if k in state}}
     with warnings.catch_warnings():  # (one process: DCP says it assumes so)
         warnings.filterwarnings("ignore", "torch.distributed is disabled")
         dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())  # returns once every rank's part is in

@@ -19,12 +19,19 @@ against the peak resident memory of a real one, on a CPU in float32.
 Under torchrun the plan is one rank's (world_size from torchrun, or plan_world_size with --plan=True): its share
 of the micro-steps, and with stem_shard its ceil(vocab / world) rows of the table and their state. A sharded rank
 also holds the rows it serves the others and their gradients: at most every rank's distinct ids that fall in its
-shard (test_shard.py checks the table and state against the tensors of real ranks).
+shard (test_shard.py checks the table and state against the tensors of real ranks). FSDP2 (any torchrun run, and
+dense_offload) keeps 1/world of the dense weights, gradients and moments (on the host with dense_offload) and
+gathers whole only the weights computing now: the root's (embedding, head, final norm) and two blocks (this one
+and the next, prefetched), in the compute dtype, plus one block's fp32 gradients before their reduce-scatter.
+A checkpoint (torch.distributed.checkpoint) is written tensor by tensor from where the tensors are, each GPU
+tensor through a host copy; resuming reads each tensor into host memory and copies it in place, measured at up to
+twice the largest one a rank holds (test_shard.py checks save and resume against a real run's peak RSS).
 """
 
 import torch
 
 from model import GPT, GPTConfig
+from stem_shard import EXCHANGE_BYTES
 
 GB = 2 ** 30
 
@@ -47,14 +54,26 @@ def plan(cfg, batch_size=None):
     with torch.device("meta"):
         model = GPT(GPTConfig(**{k: getattr(cfg, k) for k in GPTConfig.__dataclass_fields__}))
     c = model.config
-    B, world = batch_size or cfg.batch_size, world_size(cfg)
+    B, world, bf16 = batch_size or cfg.batch_size, world_size(cfg), cfg.dtype == "bfloat16"
     shard = getattr(cfg, "stem_shard", False)
     positions, micro = B * cfg.block_size, max(1, cfg.gradient_accumulation_steps // world)
     table = model.stem_table.numel() if model.stem_table is not None else 0
     dense = model.num_params() - table
-    rows = []
-    rows.append(("dense weights + AdamW moments", 12 * dense, 0))
-    rows.append(("dense gradients (during a step)", 4 * dense, 0))
+    rows, offload = [], getattr(cfg, "dense_offload", False)
+    if world > 1 or offload:  # FSDP2: 1/world of every dense tensor here, in host memory with dense_offload
+        piece = -(-dense // world)
+        block = max(sum(p.numel() for p in b.parameters()) for b in model.blocks)
+        root = dense - sum(p.numel() for b in model.blocks for p in b.parameters())
+        if offload:
+            rows.append((f"dense weights + AdamW moments (1/{world}, FSDP2, offloaded)", 0, 12 * piece))
+            rows.append(("dense gradients (during a step)", 4 * block, 4 * piece))
+        else:
+            rows.append((f"dense weights + AdamW moments (1/{world}, FSDP2)", 12 * piece, 0))
+            rows.append(("dense gradients (during a step)", 4 * block + 4 * piece, 0))
+        rows.append(("weights gathered to compute (root + 2 blocks)", (root + 2 * block) * (2 if bf16 else 4), 0))
+    else:
+        rows.append(("dense weights + AdamW moments", 12 * dense, 0))
+        rows.append(("dense gradients (during a step)", 4 * dense, 0))
     if table:
         V, W = model.stem_table.shape
         tb = 2 if cfg.stem_dtype == "bfloat16" else 4
@@ -72,8 +91,9 @@ def plan(cfg, batch_size=None):
             vocab = model.stem_table.size(0)
             step_rows = min(vocab, micro * positions)  # this rank's step, merged as it comes
             mine = 3 * min(vocab, positions) + step_rows  # its rows, their gradient, the prefetched batch's
-            served = world * min(V, positions) + world * min(V, step_rows) + min(V, world * step_rows)  # rows it
-            # serves (one batch's for every rank), the gradients it receives for them, and their merge
+            per_round = max(1, EXCHANGE_BYTES // (world * W * tb))  # sync() sends the gradients in rounds
+            served = world * min(V, positions) + world * min(V, step_rows, per_round) + min(V, world * step_rows)
+            # rows it serves (one batch's for every rank), the gradients it receives in a round, and their merge
             update = 6 * min(V, world * step_rows, 4096) * W * 4
             rows.append(("rows this rank reads (at most)", mine * W * tb, 0))
             merged = min(V, world * step_rows) * W * tb  # with offload: copied to host memory for the update
@@ -97,6 +117,25 @@ def plan(cfg, batch_size=None):
     return rows
 
 
+def checkpoint_bytes(cfg):
+    """(host bytes a checkpoint's save adds, host bytes a resume adds) on one rank, at most: the largest tensor it
+    holds on a GPU (copied to host memory to be written), and twice the largest it holds anywhere."""
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**{k: getattr(cfg, k) for k in GPTConfig.__dataclass_fields__}))
+    world, sharded = world_size(cfg), world_size(cfg) > 1 or getattr(cfg, "dense_offload", False)
+    dense = max(p.numel() for p in model.parameters() if p is not model.stem_table)
+    dense = 4 * (-(-dense // world) if sharded else dense)  # fp32 weights and moments
+    table = 0
+    if model.stem_table is not None:
+        V, W = model.stem_table.shape
+        V = -(-V // world) if getattr(cfg, "stem_shard", False) else V
+        full = cfg.stem_optim == "dense" or cfg.stem_state == "full" or cfg.stem_dtype == "float32"
+        table = V * W * (4 if full else 2)
+    on_gpu = torch.device(cfg.device).type == "cuda"
+    save = max(dense * (on_gpu and not getattr(cfg, "dense_offload", False)), table * (on_gpu and not cfg.stem_offload))
+    return save, 2 * max(dense, table)
+
+
 def largest_batch(cfg, gpu_bytes):
     """The largest batch_size whose plan fits gpu_bytes, leaving 10% to the allocator; 0 if none does."""
     fits = lambda b: sum(device for _, device, _ in plan(cfg, b)) <= 0.9 * gpu_bytes
@@ -115,11 +154,14 @@ def report(cfg):
     world = world_size(cfg)
     micro = max(1, cfg.gradient_accumulation_steps // world)
     ranks = "" if world == 1 else f"one rank of {world}, {'table sharded' if cfg.stem_shard else 'table replicated'}; "
+    ranks += "dense part offloaded; " if getattr(cfg, "dense_offload", False) else ""
     lines = [f"memory plan ({ranks}{'offload' if cfg.stem_offload else 'on the device'}, table {cfg.stem_dtype}/"
              f"{cfg.stem_state}; batch_size {cfg.batch_size} x block_size {cfg.block_size}, {micro} micro-steps a "
              f"step, {cfg.dtype}):", f"  {'':{width}}{'device':>10}{'host':>10}"]
     for what, device, host in rows + [("total", sum(r[1] for r in rows), sum(r[2] for r in rows))]:
         lines.append(f"  {what:{width}}{device / GB:>8.2f}GB{host / GB:>8.2f}GB")
+    save, resume = checkpoint_bytes(cfg)
+    lines.append(f"  a checkpoint adds, for a moment: {save / GB:.2f}GB host at a save, {resume / GB:.2f}GB at a resume")
     if getattr(cfg, "plan_gpu_gb", 0):
         best = largest_batch(cfg, cfg.plan_gpu_gb * GB)
         lines.append(f"  largest batch_size that fits a {cfg.plan_gpu_gb:g} GB GPU at block_size {cfg.block_size}: "

@@ -44,6 +44,7 @@ resumes on any number of processes: DCP hands each rank the rows shard_bounds gi
 is torch.chunk's split too.
 """
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -72,6 +73,8 @@ def global_rows(local, vocab_size):
     return DTensor.from_local(local, mesh, [Shard(0)], shape=shape, stride=torch.empty(shape, device="meta").stride(),
                               run_check=False)
 
+
+EXCHANGE_BYTES = 2 ** 30  # sync(): the gradient rows a rank receives in one round, at most
 
 # ----------------------------------------------------------------------------------------------------------
 # the model's side: a GPT that holds only this rank's rows of its table
@@ -285,16 +288,26 @@ class ShardedRowAdamW(SparseRowAdamW):
 
     def sync(self):
         """Every row's gradient to its owner; the owner merges them (rank, then position) and divides by the
-        world size, as DDP averages. Afterwards self.grad holds this rank's rows, by local id, on every rank."""
+        world size, as DDP averages. Afterwards self.grad holds this rank's rows, by local id, on every rank.
+        The gradients go in rounds of at most EXCHANGE_BYTES received per rank (rows for each owner in id order),
+        each round merged into the rows so far: a step touching many rows never lands on an owner at once."""
         ids, g = self.grad if self.grad is not None else (self.edges.new_zeros(0), self._no_rows())
         counts = self._split(ids)
-        got_counts = self._counts(counts)
-        ids, w1 = self._send(ids, counts, got_counts, "ids", async_op=True)
-        g, w2 = self._send(g, counts, got_counts, "grads", async_op=True)
-        for work in (w1, w2):
-            work.wait()
-        ids, g = merge_rows(ids, g.div_(self.world))  # (in place: g is the fresh receive buffer)
-        self.grad = (ids - self.lo, g)
+        per_round = max(1, EXCHANGE_BYTES // (self.world * g.size(1) * g.element_size()))  # rows, each owner
+        rounds = torch.tensor(-(-max(counts) // per_round), device=self.device)
+        dist.all_reduce(rounds, dist.ReduceOp.MAX, group=self.group)  # every rank takes part in every round
+        starts, merged = [0, *itertools.accumulate(counts)], (ids[:0], g[:0])
+        for r in range(max(1, int(rounds))):
+            lo = [min(a + r * per_round, b) for a, b in zip(starts, starts[1:])]  # this round's rows of each owner
+            send = [min(per_round, b - a) for a, b in zip(lo, starts[1:])]
+            part = torch.cat([torch.arange(a, a + n, device=ids.device) for a, n in zip(lo, send)])
+            got_counts = self._counts(send)
+            got_ids, w1 = self._send(ids[part], send, got_counts, "ids", async_op=True)
+            got, w2 = self._send(g[part], send, got_counts, "grads", async_op=True)
+            for work in (w1, w2):
+                work.wait()
+            merged = merge_rows(torch.cat([merged[0], got_ids]), torch.cat([merged[1], got.div_(self.world)]))
+        self.grad = (merged[0] - self.lo, merged[1])
 
     def _no_rows(self):
         return torch.zeros(0, self.table.size(1), dtype=self.table.dtype, device=self.device)

@@ -348,7 +348,7 @@ def test_experiment_failed_training_is_one_line(tmp_path):
     assert last.startswith("edit_experiment.py: error: training failed: train.py exited with status 1"), last
     assert "train.py: error: unknown key --bogus_key" in r.stderr
     assert (tmp_path / "data" / "edit_experiment" / "train.bin").exists()  # relative to our working directory
-    assert not (tmp_path / "out" / "ckpt.pt").exists()
+    assert not (tmp_path / "out" / "ckpt").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -139,7 +139,7 @@ def run(*argv):
 
 
 def model_of(out_dir):
-    return checkpoint.load_model(Path(out_dir) / "ckpt.pt")[0]
+    return checkpoint.load_model(out_dir)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -242,7 +242,7 @@ def test_empty_context_is_scored_after_the_datasets_end_of_text(work, tmp_path):
     torch.manual_seed(0)
     model = GPT(config).eval()
     (tmp_path / "small_out").mkdir()
-    checkpoint.save(str(tmp_path / "small_out" / "ckpt.pt"), {
+    checkpoint.save(str(tmp_path / "small_out"), {
         "model": model.state_dict(), "model_args": dataclasses.asdict(config), "iter_num": 0,
         "config": {"data_dir": str(tmp_path / "data"), "dataset": "small"}})
     items = [{"question_stem": "", "choices": mc(ABCD, texts), "answerKey": key} for texts, key in [
@@ -340,7 +340,7 @@ def copier(work):
         loss.backward()
         opt.step()
     (work / "copier").mkdir()
-    checkpoint.save(str(work / "copier" / "ckpt.pt"), {
+    checkpoint.save(str(work / "copier"), {
         "model": model.state_dict(), "model_args": dataclasses.asdict(config), "iter_num": 200,
         "config": {"data_dir": str(work / "data"), "dataset": "tiny"}})
     return work / "copier"
@@ -469,7 +469,7 @@ def test_other_ffns_and_offload_without_a_table(work, ffn, capsys):
     config = GPTConfig(vocab_size=50304, block_size=64, n_layer=2, n_head=2, n_embd=32, d_ff=64, ffn=ffn, n_expert=4)
     torch.manual_seed(0)
     (work / ffn).mkdir()
-    checkpoint.save(str(work / ffn / "ckpt.pt"), {"model": GPT(config).state_dict(), "iter_num": 0,
+    checkpoint.save(str(work / ffn), {"model": GPT(config).state_dict(), "iter_num": 0,
                     "model_args": dataclasses.asdict(config), "config": {"data_dir": str(work / "data"),
                                                                           "dataset": "tiny"}})
     res = run(f"--out_dir={work / ffn}", "--parts=bpb,position", "--max_tokens=500")
