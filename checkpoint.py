@@ -14,9 +14,9 @@ processes (DCP reshards), or on one without torchrun. The state, a nested dict:
 A save writes out_dir/ckpt.tmp/, then renames it to ckpt/ (the previous one moved to ckpt.old/ and deleted
 after), so a save killed at any moment leaves a complete checkpoint: load() reads ckpt.old/ when a kill fell
 between the two renames. One file instead of a folder (to copy it around, or for other tools):
-    python -m torch.distributed.checkpoint.format_utils dcp_to_torch_save out/ckpt out/ckpt.pt
+    python -m torch.distributed.checkpoint.format_utils dcp_to_torch out/ckpt out/ckpt.pt
 load() reads such a file too, whole (sample.py, eval.py); train.py resumes from the folder only, and
-`... format_utils torch_save_to_dcp out/ckpt.pt out/ckpt` turns the file back into one.
+`... format_utils torch_to_dcp out/ckpt.pt out/ckpt` turns the file back into one.
 """
 
 import json
@@ -101,7 +101,7 @@ def load(path, given=None, keys=None):
         if not os.path.isdir(path):
             if given is not None:
                 raise ConfigError(f"{path} is one file; train.py resumes from a checkpoint folder: python -m "
-                                  f"torch.distributed.checkpoint.format_utils torch_save_to_dcp {path} FOLDER")
+                                  f"torch.distributed.checkpoint.format_utils torch_to_dcp {path} FOLDER")
             state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         else:
             reader = FileSystemReader(path)

@@ -24,8 +24,8 @@ dense_offload) keeps 1/world of the dense weights, gradients and moments (on the
 gathers whole only the weights computing now: the root's (embedding, head, final norm) and two blocks (this one
 and the next, prefetched), in the compute dtype, plus one block's fp32 gradients before their reduce-scatter.
 A checkpoint (torch.distributed.checkpoint) is written tensor by tensor from where the tensors are, each GPU
-tensor through a host copy; resuming reads each tensor into host memory and copies it in place, measured at up to
-twice the largest one a rank holds (test_shard.py checks save and resume against a real run's peak RSS).
+tensor through a host copy; resuming reads each tensor into host memory and copies it in place (twice the
+largest a rank holds), into a copy of the dense moments (test_shard.py checks both against a real run's peak RSS).
 """
 
 import torch
@@ -118,13 +118,16 @@ def plan(cfg, batch_size=None):
 
 
 def checkpoint_bytes(cfg):
-    """(host bytes a checkpoint's save adds, host bytes a resume adds) on one rank, at most: the largest tensor it
-    holds on a GPU (copied to host memory to be written), and twice the largest it holds anywhere."""
+    """(host bytes a save adds; host and device bytes a resume adds) on one rank, at most. A save writes the tensors
+    where they are, a GPU tensor through a host copy of it. A resume reads each tensor into host memory and copies
+    it into place (twice the largest), into a copy of the dense AdamW moments that is then loaded (their size)."""
     with torch.device("meta"):
         model = GPT(GPTConfig(**{k: getattr(cfg, k) for k in GPTConfig.__dataclass_fields__}))
-    world, sharded = world_size(cfg), world_size(cfg) > 1 or getattr(cfg, "dense_offload", False)
-    dense = max(p.numel() for p in model.parameters() if p is not model.stem_table)
-    dense = 4 * (-(-dense // world) if sharded else dense)  # fp32 weights and moments
+    world, offload = world_size(cfg), getattr(cfg, "dense_offload", False)
+    sharded = world > 1 or offload
+    dense = [p.numel() for p in model.parameters() if p is not model.stem_table]
+    largest = 4 * (-(-max(dense) // world) if sharded else max(dense))  # fp32 weights and moments
+    moments = 8 * (-(-sum(dense) // world) if sharded else sum(dense))
     table = 0
     if model.stem_table is not None:
         V, W = model.stem_table.shape
@@ -132,8 +135,9 @@ def checkpoint_bytes(cfg):
         full = cfg.stem_optim == "dense" or cfg.stem_state == "full" or cfg.stem_dtype == "float32"
         table = V * W * (4 if full else 2)
     on_gpu = torch.device(cfg.device).type == "cuda"
-    save = max(dense * (on_gpu and not getattr(cfg, "dense_offload", False)), table * (on_gpu and not cfg.stem_offload))
-    return save, 2 * max(dense, table)
+    save = max(largest * (on_gpu and not offload), table * (on_gpu and not cfg.stem_offload))
+    resume_host = 2 * max(largest, table) + moments * (offload or not on_gpu)
+    return save, resume_host, moments * (on_gpu and not offload)
 
 
 def largest_batch(cfg, gpu_bytes):
@@ -160,8 +164,9 @@ def report(cfg):
              f"step, {cfg.dtype}):", f"  {'':{width}}{'device':>10}{'host':>10}"]
     for what, device, host in rows + [("total", sum(r[1] for r in rows), sum(r[2] for r in rows))]:
         lines.append(f"  {what:{width}}{device / GB:>8.2f}GB{host / GB:>8.2f}GB")
-    save, resume = checkpoint_bytes(cfg)
-    lines.append(f"  a checkpoint adds, for a moment: {save / GB:.2f}GB host at a save, {resume / GB:.2f}GB at a resume")
+    save, resume_host, resume_device = checkpoint_bytes(cfg)
+    lines.append(f"  a checkpoint adds, for a moment: {save / GB:.2f}GB host at a save; {resume_host / GB:.2f}GB host "
+                 f"and {resume_device / GB:.2f}GB device at a resume")
     if getattr(cfg, "plan_gpu_gb", 0):
         best = largest_batch(cfg, cfg.plan_gpu_gb * GB)
         lines.append(f"  largest batch_size that fits a {cfg.plan_gpu_gb:g} GB GPU at block_size {cfg.block_size}: "
