@@ -287,8 +287,7 @@ def test_a_run_handed_between_world_sizes_trains_as_one_process(runs):
     the all-gather's sums. Evaluations have 2 batches for 3 ranks (one rank repeats a batch that counts nothing),
     checkpoints are taken with a prefetch on its way. (Mutations caught: the table handed to FSDP, whose shards
     then differ from the rows' owners; a rank without an evaluation batch that skips the forward (a hang, cut
-    short by the timeout); a resumed rank that reads the checkpoint's first rows instead of its own; the clipping
-    norm's squares summed in float32; stem_shard adopted from the checkpoint by a one-process resume.)"""
+    short by the timeout); stem_shard adopted from the checkpoint by a one-process resume.)"""
     work = runs
     one, want = losses(work / "one"), {it: (t, v) for it, t, v in evals(work / "one")}
     chain = losses(work / "chain")

@@ -332,8 +332,7 @@ def test_diverging_loss_stops_and_keeps_the_checkpoint(work, base_run, wave2):
 def test_two_gloo_processes_with_accumulation_match_one(work, wave1):
     """torchrun with 2 CPU processes x 2 micro-steps (FSDP2 shards the dense weights; the table is replicated)
     reaches the losses of 1 process with 4 micro-steps. (Mutations caught: gradients not averaged over the ranks;
-    row gradients not gathered across ranks; a rank drawing another rank's micro-batches; the clipping norm summed
-    over the shards in float32, whose last bits then differ from one process's.)"""
+    row gradients not gathered across ranks; a rank drawing another rank's micro-batches.)"""
     wave1["accum4"].result()
     wave1["ddp"].result()
     one, two = losses(work / "accum4"), losses(work / "ddp")
