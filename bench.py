@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import configurator
 import prepare
 import stem_ops
@@ -519,47 +520,91 @@ def shard_traffic(world, micro=40, B=12, T=1024):
     return [f"{world} ranks", f"{k} x {B} x {T}", statistics.mean(distinct), served.sum() * row / 1e9,
             served.max() * row / 1e9, grads * row / 1e9, served.sum() * 8 / 1e6]  # a row received: an id sent
 
+PEAK_RSS = r"""
+# train.py, then this rank's peak resident memory into out_dir/peak_rss_<rank>.json
+import json, os, resource, runpy, sys
+sys.argv[0] = {train!r}
+out = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--out_dir="))
+try:
+    runpy.run_path({train!r}, run_name="__main__")
+finally:
+    with open(os.path.join(out, f"peak_rss_{{os.environ.get('RANK', 0)}}.json"), "w") as f:
+        json.dump(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, f)
+"""
+
+def torchrun(ranks):
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else []
+    return [sys.executable, *launcher]
+
 def bench_shard():
-    """stem_shard=True against one process: train.py on 1-3 processes (torchrun, gloo), resumed, DDP; then traffic."""
+    """FSDP2 + sharded tables against one process: train.py on 1-3 gloo ranks, a run handed 2 -> 3 -> 1 ranks;
+    each rank's peak RSS, the checkpoint on disk, its save and resume; then the preset's traffic."""
     steps, t0, logs, env = 4 if tiny else 20, time.perf_counter(), {}, {**os.environ, "OMP_NUM_THREADS": "1"}
+    data = [f"--data_dir={os.path.dirname(data_dir)}", f"--dataset={os.path.basename(data_dir)}"]
     tiny_args = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--d_ff=64", "--block_size=32", "--batch_size=4",
-                 "--gradient_accumulation_steps=6", "--eval_interval=10", "--eval_iters=2", "--log_interval=1",
-                 "--warmup_iters=2", "--lr_decay_iters=20", "--vocab_size=50305", "--stem_weight_decay=1.0",
-                 "--device=cpu", "--dtype=float32", f"--data_dir={os.path.dirname(data_dir)}",
-                 f"--dataset={os.path.basename(data_dir)}", f"--max_iters={steps}"]
-    resumed, shard = "2 ranks sharded, then resumed on 3 offloaded", "--stem_shard=True"
-    for name, ranks, *args in (("1 process", 1), ("2 ranks, sharded", 2, shard), ("3 ranks, sharded", 3, shard),
-                               ("2 ranks, replicated DDP", 2), (resumed, 2, shard, f"--max_iters={steps // 2}"),
-                               (resumed, 3, shard, "--stem_offload=True", "--init_from=resume")):
-        torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else []
-        launcher = [sys.executable, *torchrun]
-        logs[name] = os.path.join(shard_out, name.replace(" ", "_").replace(",", ""))
-        log(f"shard: {' '.join(launcher[1:])} train.py {' '.join(args)} --out_dir={logs[name]}")
-        error = train_py([*tiny_args, *args, f"--out_dir={logs[name]}"], launcher, env)
-        if error:
-            raise RuntimeError(f"train.py for '{name}' failed: {error}")
+                 "--gradient_accumulation_steps=6", f"--eval_interval={steps // 4}", "--eval_iters=2",
+                 "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=20", "--vocab_size=50305",
+                 "--stem_weight_decay=1.0", "--device=cpu", "--dtype=float32", *data]
+    os.makedirs(shard_out, exist_ok=True)
+    wrapper = os.path.join(shard_out, "peak_rss.py")
+    with open(wrapper, "w") as f:
+        f.write(PEAK_RSS.format(train=os.path.abspath("train.py")))
+    handed, shard = "handed 2 -> 3 (offloaded) -> 1", "--stem_shard=True"
+    for name, ranks, until, *args in (
+            ("1 process", 1, steps), ("2 ranks, sharded", 2, steps, shard), ("3 ranks, sharded", 3, steps, shard),
+            ("2 ranks, table replicated", 2, steps), (handed, 2, steps // 2, shard),
+            (handed, 3, 3 * steps // 4, shard, "--stem_offload=True", "--init_from=resume"),
+            (handed, 1, steps, "--init_from=resume")):
+        logs[name] = os.path.join(shard_out, name.replace(" ", "_").replace(",", "").replace(">", ""))
+        args = [*tiny_args, *args, f"--max_iters={until}", f"--out_dir={logs[name]}"]
+        log(f"shard: {' '.join(torchrun(ranks)[1:])} train.py {' '.join(args)}")
+        proc = subprocess.run([*torchrun(ranks), wrapper, *args], capture_output=True, text=True, env=env)
+        if proc.returncode:
+            raise RuntimeError(f"train.py for '{name}' failed: {(proc.stdout + proc.stderr).strip()[-500:]}")
     (loss1, eval1), rows = curves(read_log(logs["1 process"])), []
-    ref = torch.load(os.path.join(logs["1 process"], "ckpt.pt"), weights_only=True)["model"]
+    ref = checkpoint.load(logs["1 process"])["model"]
     for name, out in logs.items():
-        losses, evals = curves(read_log(out))
-        ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["model"]
+        (losses, evals), ckpt = curves(read_log(out)), checkpoint.load(out)["model"]
+        peaks = [jsonlib.load(open(os.path.join(out, f))) / 2**20 for f in sorted(os.listdir(out)) if "peak_rss" in f]
+        disk = sum(os.path.getsize(os.path.join(out, "ckpt", f)) for f in os.listdir(os.path.join(out, "ckpt")))
         rows.append([name, len(losses), max(abs(losses[i] - loss1[i]) for i in loss1),
                      max(abs(evals[i] - eval1[i]) for i in eval1),
-                     max((ckpt[k].double() - ref[k].double()).abs().max().item() for k in ref)])
-    untimed = [[{k: v for k, v in r.items() if k not in ("dt_ms", "tokens_per_s")} for r in read_log(logs[n])]
-               for n in ("2 ranks, sharded", "2 ranks, replicated DDP")]
-    same = untimed[0] == untimed[1]
-    res = result("shard", "shard: train.py with the STEM table split over processes, against one process",
-                 ["run", "steps", "max |loss diff|", "max |val loss diff|", "max |weight diff| at the end"], rows,
+                     max((ckpt[k].double() - ref[k].double()).abs().max().item() for k in ref),
+                     " / ".join(f"{p:.0f}" for p in peaks), disk / 2**20])
+    same = [[{k: v for k, v in r.items() if k not in ("dt_ms", "tokens_per_s")} for r in read_log(logs[n])]
+            for n in ("2 ranks, sharded", "2 ranks, table replicated")]
+    res = result("shard", "shard: train.py with FSDP2 and the STEM table split over processes, against one process",
+                 ["run", "steps", "max |loss diff|", "max |val loss diff|", "max |weight diff| at the end",
+                  "peak RSS per rank, MB", "checkpoint on disk, MB"], rows,
                  [f"{machine()}; train.py {' '.join(tiny_args)} (gloo, the same global batch of 6 micro-batches); "
-                  f"2 sharded ranks and 2 replicated DDP ranks log the same numbers: {same}; "
-                  f"{time.perf_counter() - t0:.0f} s"], {"same_as_replicated": same})
+                  f"2 ranks with the table sharded and replicated log the same numbers: {same[0] == same[1]}; "
+                  f"{time.perf_counter() - t0:.0f} s"], {"same_as_replicated": same[0] == same[1]})
+    probes = []
+    vocab = 32768 if tiny else 262144
+    for ranks in (1, 2, 3):  # a 262,144 x 128 fp32 table with full moments: 384 MB in all
+        args = ["--device=cpu", "--dtype=float32", f"--vocab_size={vocab}", "--n_layer=2", "--stem_layers=[1]",
+                "--n_head=1", "--n_embd=16", "--d_ff=128", "--batch_size=2", "--block_size=16",
+                "--gradient_accumulation_steps=6", f"--stem_shard={ranks > 1}",
+                f"--out_dir={os.path.join(shard_out, f'probe_{ranks}')}"]
+        proc = subprocess.run([*torchrun(ranks), "memory_plan.py", *args], capture_output=True, text=True, env=env)
+        if proc.returncode:
+            raise RuntimeError(f"the checkpoint probe on {ranks} ranks failed: {proc.stderr.strip()[-500:]}")
+        for r in sorted((jsonlib.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")),
+                        key=lambda r: r["rank"]):
+            probes.append([f"{ranks} rank(s)", r["rank"], r["table_and_state"] / 2**20, r["steady"] / 2**20,
+                           r["save"] / 2**20, r["save_s"], r["resume"] / 2**20, r["resume_s"], r["plan"][1] / 2**20])
+    costs = result("shard_checkpoint", f"shard: a checkpoint of a {vocab:,} x 128 fp32 table (full moments), per rank",
+                   ["processes", "rank", "table + state, MB", "steady RSS, MB", "save adds, MB", "save s",
+                    "resume adds, MB", "resume s", "plan: resume adds, MB"], probes,
+                   [f"{machine()}; memory_plan.py's measure(): one step, then checkpoint.save_training and "
+                    "resume_training, each with the rise of the process's peak RSS (VmHWM reset before it)"])
     traffic = [shard_traffic(w, micro=8 if tiny else 40, B=2 if tiny else 12) for w in (2, 8)]
-    return [res, result("shard_traffic", "shard: bytes the GPT-2-small preset's step exchanges (computed)",
-                        ["ranks", "micro-batches a rank", "distinct ids a micro-batch", "rows sent, GB a step",
-                         "the busiest owner serves, GB", "gradients sent, GB a step", "ids sent, MB a step"], traffic,
-                        [f"the preset's step 0 (40 x 12 x 1024 tokens of {data_dir}'s train split); a row: 11 STEM "
-                         "layers x 2048 bf16; owners hold contiguous blocks (rank 0 the frequent tokens)"])]
+    return [res, costs, result("shard_traffic", "shard: bytes the GPT-2-small preset's step exchanges (computed)",
+                               ["ranks", "micro-batches a rank", "distinct ids a micro-batch", "rows sent, GB a step",
+                                "the busiest owner serves, GB", "gradients sent, GB a step", "ids sent, MB a step"],
+                               traffic, [f"the preset's step 0 (40 x 12 x 1024 tokens of {data_dir}'s train split); "
+                                         "a row: 11 STEM layers x 2048 bf16; owners hold contiguous blocks (rank 0 "
+                                         "the frequent tokens)"])]
 
 def gpu_parity():
     """model.STEM forward + backward, Triton vs torch and Triton vs itself; reads a strided column block, as GPT."""

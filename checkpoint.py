@@ -1,6 +1,7 @@
 """
-Checkpoints: out_dir/ckpt/, a torch.distributed.checkpoint (DCP) folder. train.py writes it; train.py (resume),
-sample.py, eval.py and edit_experiment.py read it with load(). Every process of a run writes its own pieces in
+Checkpoints: out_dir/ckpt/, a torch.distributed.checkpoint (DCP) folder. train.py writes it (save_training) and
+resumes from it (resume_training); sample.py, eval.py and edit_experiment.py read it whole with load() and
+load_model(). Every process of a run writes its own pieces in
 parallel: its rows of a sharded STEM table and their optimizer state, its FSDP shard of the dense weights and of
 their AdamW state. So no process ever holds the whole model to save it, and a run resumes on any number of
 processes (DCP reshards), or on one without torchrun. The state, a nested dict:
@@ -19,6 +20,7 @@ load() reads such a file too, whole (sample.py, eval.py); train.py resumes from 
 `... format_utils torch_to_dcp out/ckpt.pt out/ckpt` turns the file back into one.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -29,6 +31,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from configurator import ConfigError
 from model import GPT, GPTConfig
@@ -189,6 +192,46 @@ def adopt_settings(cfg, ckpt, defaults, model_keys, keep):
     for k, v in saved.items():
         if k in defaults and k not in cfg.explicit and k not in keep:
             setattr(cfg, k, v)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train.py's side: what a training run saves, and how a resumed run reads it back, piece by piece
+
+def training_state(cfg, model, optimizer, rows_opt):
+    """The model's and the optimizers' state by name, as this rank holds it: FSDP's shards and a sharded table's
+    rows as DTensors (saved and loaded piece by piece). The live tensors, not copies."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    if cfg.stem_shard:
+        from stem_shard import global_rows
+        model_state["stem_table"] = global_rows(model.stem_table.detach(), cfg.vocab_size)
+    return {"model": model_state, "optimizer": optim_state,
+            "stem_optimizer": rows_opt.state_dict() if rows_opt is not None else None}
+
+
+def save_training(cfg, model, optimizer, rows_opt, iter_num, best_val_loss, settings):
+    """out_dir/ckpt/, every rank writing its own pieces. The row state comes first: it waits for an offloaded
+    table's queued updates, and raises if one failed, before anything is written."""
+    if rows_opt is not None:  # the saved table holds decayed rows: readers of the checkpoint need no optimizer
+        rows_opt.apply_pending_decay()
+    rngs = [rng_state(cfg.device_type)] * cfg.world_size  # dropout's generators, per rank
+    if cfg.distributed:
+        dist.all_gather_object(rngs, rngs[0])
+    save(cfg.out_dir, {**training_state(cfg, model, optimizer, rows_opt), "rng": rngs, "iter_num": iter_num,
+                       "model_args": dataclasses.asdict(model.config), "best_val_loss": best_val_loss,
+                       "config": settings})
+
+
+def resume_training(cfg, model, optimizer, rows_opt):
+    """The checkpoint's weights and optimizer state into this rank's model and optimizers, read piece by piece."""
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    state = load(cfg.out_dir, training_state(cfg, model, optimizer, rows_opt))
+    model_state = {k: v for k, v in state["model"].items() if not (cfg.stem_shard and k == "stem_table")}  # in
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(strict=not cfg.stem_shard))
+    for group, current in zip(optimizer.param_groups, settings):  # this run's settings, the checkpoint's moments
+        group.update(current)
+    if rows_opt is not None:
+        rows_opt.load_state_dict(state["stem_optimizer"])
 
 
 def rng_state(device_type):

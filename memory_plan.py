@@ -1,12 +1,15 @@
 """
 What a training run keeps in memory, counted before anything is allocated (the model is built on the meta
 device). train.py prints it at the start of a run; `python train.py --plan=True` prints it and stops, and with
---plan_gpu_gb=80 also names the largest batch_size that fits a GPU of that size.
+--plan_gpu_gb=80 also names the largest batch_size that fits a GPU of that size. `python memory_plan.py <train.py
+settings>` (or under torchrun) measures one rank of such a run on a CPU against the plan: what it keeps, and what
+a checkpoint's save and resume add (Linux: peak resident memory; bench.py --what=shard and test_shard.py use it).
 
-Bytes per parameter: dense weights 4 + AdamW moments 8, and a gradient of 4 while a step runs. A STEM table parameter: the weight and the
-first moment in stem_dtype (4 or 2 each) and the second moment, 4 per element (stem_state=full) or 4 per row
-(rowwise): 12 bytes for float32/full, about 4 for bfloat16/rowwise. Rows of a step are counted at their upper
-bound (every position a distinct token); real text touches far fewer (see bench.py's capacity table).
+Bytes per parameter: dense weights 4 + AdamW moments 8, and a gradient of 4 while a step runs. A STEM table
+parameter: the weight and the first moment in stem_dtype (4 or 2 each) and the second moment, 4 per element
+(stem_state=full) or 4 per row (rowwise): 12 bytes for float32/full, about 4 for bfloat16/rowwise. Rows of a step
+are counted at their upper bound (every position a distinct token); real text touches far fewer (see bench.py's
+capacity table).
 The step's rows grow with gradient_accumulation_steps: the micro-steps' rows are merged as they come, so a
 step holds the union of all its micro-batches' distinct tokens, up to the whole table for big batches (40
 micro-steps of 12 x 1024 tokens touch nearly every GPT-2 token).
@@ -173,3 +176,51 @@ def report(cfg):
                      + (str(best) if best else "none (try stem_offload=True, or stem_dtype=bfloat16 "
                                                "stem_state=rowwise)"))
     return "\n".join(lines)
+
+
+def measure(argv):
+    """One rank of train.py's run with settings argv, on a CPU: one step, then a checkpoint's save and resume, each
+    timed and with the rise of this process's peak resident memory; what it keeps between steps, against the plan.
+    Prints a JSON line."""
+    import json
+    import time
+    import checkpoint
+    import train
+
+    def rss():
+        return int(open("/proc/self/statm").read().split()[1]) * 4096
+
+    def peak_since(before):
+        return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024 - before
+    cfg = train.configure(argv)
+    train.setup_distributed(cfg)
+    model = train.build_model(cfg)
+    optimizer, rows_opt = train.build_optimizers(cfg, model)
+    for t in (rows_opt.exp_avg, rows_opt.exp_avg_sq):
+        t.fill_(1.0)  # every row's moments committed, as after a long run
+    x = torch.randint(0, cfg.vocab_size, (2, cfg.block_size + 1), generator=torch.Generator().manual_seed(cfg.rank))
+    batches = train.micro_batches(cfg, rows_opt, 0, draw=lambda step, micro: (x[:, :-1], x[:, :-1], x[:, 1:]))
+    train.train_step(cfg, model, optimizer, rows_opt, batches, 1e-3)
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731 (FSDP2's shards)
+    kept = [local(p) for p in model.parameters() if p is not model.stem_table]
+    kept += [local(v) for s in optimizer.state.values() for v in s.values() if v.dim()]
+    state = [rows_opt.table, rows_opt.exp_avg, rows_opt.exp_avg_sq]
+    report = dict(rank=cfg.rank, kept=sum(t.nbytes for t in kept + state + [rows_opt.row_step, rows_opt.row_decay]),
+                  kept_planned=sum(d + h for what, d, h in plan(cfg) if what.startswith(("dense weights", "STEM tab"))),
+                  plan=checkpoint_bytes(cfg), table_and_state=sum(t.nbytes for t in state))
+    for what, fn in (("save", lambda: checkpoint.save_training(cfg, model, optimizer, rows_opt, 1, 1.0, {})),
+                     ("resume", lambda: checkpoint.resume_training(cfg, model, optimizer, rows_opt))):
+        before, t0 = rss(), time.perf_counter()
+        open("/proc/self/clear_refs", "w").write("5")  # Linux: the peak resident size (VmHWM) counts from here
+        fn()
+        report.update({what: peak_since(before), what + "_s": time.perf_counter() - t0, "steady": before})
+    print(json.dumps(report))
+    rows_opt.close()
+    if cfg.distributed:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    import sys
+    measure(sys.argv[1:])

@@ -1,10 +1,11 @@
 """
 STEM tables split by rows over the processes of a torchrun job (train.py --stem_shard=True).
 
-Without it every rank holds the whole table and its optimizer state. Here rank r owns one contiguous block of
-rows (shard_bounds: ceil(vocab / world) each, torch.chunk's split, the last ranks fewer) and their row-wise AdamW
-state; FSDP2 shards the dense weights (train.py), and leaves the table to this module. Recommendation trainers shard embeddings the same way (TorchRec's row-wise sharding), and STEM suits
-it better still: every rank knows its batch's ids before the forward, so its rows can be on their way early.
+Without it every rank holds the whole table and its optimizer state. Here rank r owns one contiguous block of rows
+(shard_bounds: ceil(vocab / world) each, torch.chunk's split, the last ranks fewer) and their row-wise AdamW state;
+FSDP2 shards the dense weights (train.py), and leaves the table to this module. Recommendation trainers shard
+embeddings the same way (TorchRec's row-wise sharding), and STEM suits it better still: every rank knows its
+batch's ids before the forward, so its rows can be on their way early.
 
 ShardedRowAdamW is stem_sparse.SparseRowAdamW over this rank's shard: the update arithmetic, the merges, the
 stochastic rounding and the lazy decay are the parent's. What changes is where rows come from and where the

@@ -96,7 +96,8 @@ for name, dtype, state, sharded, exchange in [("fp32", torch.float32, "full", Sh
                                               ("bf16", torch.bfloat16, "rowwise", ShardedRowAdamW, 2 ** 30),
                                               ("bf16 offload", torch.bfloat16, "rowwise", ShardedOffloadedRowAdamW,
                                                2 ** 30),
-                                              ("fp32 in rounds", torch.float32, "full", ShardedRowAdamW, 2 * 3 * W * 4)]:
+                                              ("fp32 in rounds", torch.float32, "full", ShardedRowAdamW,
+                                               2 * 3 * W * 4)]:
     stem_shard.EXCHANGE_BYTES = exchange  # the last: the gradients reach their owners 2 rows an owner a round
     torch.manual_seed(0)
     whole = torch.nn.Parameter(torch.randn(V, W).to(dtype))
@@ -342,62 +343,17 @@ def test_sample_and_eval_read_a_sharded_checkpoint_as_one_processs(runs, tmp_pat
 # ----------------------------------------------------------------------------------------------------------
 # what a checkpoint costs, and a save killed midway
 
-MEMORY_SCRIPT = r"""
-import json, sys, torch, torch.distributed as dist
-sys.path.insert(0, {repo!r})
-import memory_plan, train
-
-def rss():
-    return int(open("/proc/self/statm").read().split()[1]) * 4096
-
-def peak_since(before):
-    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024 - before
-
-cfg = train.configure(sys.argv[1:])
-train.setup_distributed(cfg)
-model = train.build_model(cfg)
-optimizer, rows_opt = train.build_optimizers(cfg, model)
-for t in (rows_opt.exp_avg, rows_opt.exp_avg_sq):
-    t.fill_(1.0)  # every row's moments committed, as after a long run
-x = torch.randint(0, cfg.vocab_size, (1, 2, cfg.block_size + 1), generator=torch.Generator().manual_seed(cfg.rank))
-batches = train.micro_batches(cfg, rows_opt, 0, draw=lambda s, m: (x[0, :, :-1],) * 2 + (x[0, :, 1:],))
-train.train_step(cfg, model, optimizer, rows_opt, batches, 1e-3)
-local = lambda t: t.to_local() if hasattr(t, "to_local") else t
-kept = [local(p) for p in model.parameters() if p is not model.stem_table]
-kept += [local(v) for s in optimizer.state.values() for v in s.values() if v.dim()]
-kept += [rows_opt.table, rows_opt.exp_avg, rows_opt.exp_avg_sq, rows_opt.row_step, rows_opt.row_decay]
-planned = sum(d + h for what, d, h in memory_plan.plan(cfg) if what.startswith(("dense weights", "STEM tables",
-                                                                                "STEM table opt")))
-before = rss()
-open("/proc/self/clear_refs", "w").write("5")  # Linux: the peak resident size (VmHWM) counts from here
-train.save_checkpoint(cfg, model, optimizer, rows_opt, 1, 1.0)
-saved = peak_since(before)
-before = rss()
-open("/proc/self/clear_refs", "w").write("5")
-train.resume(cfg, model, optimizer, rows_opt)
-print(json.dumps({{"rank": cfg.rank, "steady": before, "save": saved, "resume": peak_since(before),
-                   "kept": sum(t.numel() * t.element_size() for t in kept), "kept_planned": planned,
-                   "plan": memory_plan.checkpoint_bytes(cfg),
-                   "shard": sum(t.nbytes for t in (rows_opt.table, rows_opt.exp_avg, rows_opt.exp_avg_sq))}}))
-rows_opt.close()
-dist.barrier()
-dist.destroy_process_group()
-"""
-
-
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc peak-RSS reset")
 def test_a_checkpoint_costs_each_rank_about_nothing_to_save_and_its_plan_to_resume(work):
-    """2 gloo ranks, a 262,144 x 128 fp32 table with full moments (128 MB + 256 MB in all, half on each rank),
-    every moment committed: saving a checkpoint raises no rank's peak resident memory by more than 16 MB over its
-    steady state (each rank writes its own rows where they are; rank 0 once gathered all 384 MB), and resuming
-    by no more than the plan's bound for it (twice the largest tensor a rank holds, and a copy of its dense AdamW
-    moments) plus 16 MB. What a rank keeps
-    between steps (its FSDP2 shards of the dense weights and moments, its rows and their state) is the plan's, to
-    1%. (Mutations caught: gathering the table and state on rank 0 to save them; the plan's dense part not divided
-    by the world size.)"""
-    script = work / "memory.py"
-    script.write_text(MEMORY_SCRIPT.format(repo=str(HERE)))
-    job = start(work, "memory", *TORCHRUN, "--nproc_per_node=2", script, "--device=cpu", "--dtype=float32",
+    """memory_plan.py's measure() on 2 gloo ranks, a 262,144 x 128 fp32 table with full moments (128 MB + 256 MB in all,
+    half on each rank), every moment committed: saving a checkpoint raises no rank's peak resident memory by more
+    than 16 MB over its steady state (each rank writes its own rows where they are; rank 0 once gathered all 384
+    MB), and resuming by no more than the plan's bound for it (twice the largest tensor a rank holds, and a copy
+    of its dense AdamW moments) plus 16 MB. What a rank keeps between steps (its FSDP2 shards of the dense
+    weights and moments, its rows and their state) is the plan's, to 1%. (Mutations caught: gathering the table
+    and state on rank 0 to save them; the plan's dense part not divided by the world size.)"""
+    job = start(work, "memory", *TORCHRUN, "--nproc_per_node=2", HERE / "memory_plan.py", "--device=cpu",
+                "--dtype=float32",
                 "--vocab_size=262144", "--n_layer=2", "--stem_layers=[1]", "--n_head=1", "--n_embd=16", "--d_ff=128",
                 "--batch_size=2", "--block_size=16", "--gradient_accumulation_steps=2", "--stem_shard=True",
                 f"--out_dir={work / 'memory'}")
@@ -405,7 +361,7 @@ def test_a_checkpoint_costs_each_rank_about_nothing_to_save_and_its_plan_to_resu
     reports = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert len(reports) == 2
     for r in reports:
-        assert r["shard"] == 3 * 131072 * 128 * 4  # the half this rank holds
+        assert r["table_and_state"] == 3 * 131072 * 128 * 4  # the half this rank holds
         assert r["save"] <= 16 * 2**20, r
         assert r["resume"] <= r["plan"][1] + 16 * 2**20, r
         assert abs(r["kept"] - r["kept_planned"]) <= 0.01 * r["kept_planned"], r

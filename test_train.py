@@ -684,7 +684,7 @@ def test_table_decay_is_dense_adamws_at_evaluation_and_in_the_checkpoint(tmp_pat
         every_row = torch.arange(vocab).view(1, -1)
         tables["lookup"] = rows_opt.lookup(every_row, grad=False).rows  # ids in order: row t is token t's
         os.makedirs(cfg.out_dir)
-        train.save_checkpoint(cfg, model, optimizer, rows_opt, 6, 0.0)
+        checkpoint.save_training(cfg, model, optimizer, rows_opt, 6, 0.0, {})
         rows_opt.close()
         tables["checkpoint"] = checkpoint.load(cfg.out_dir)["model"]["stem_table"]
     dense = tables["dense"]

@@ -22,7 +22,6 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from tqdm import tqdm
 
@@ -87,7 +86,7 @@ stem_state = "full"  # second moment: "full" per element, or "rowwise", one per 
 stem_rounding = "stochastic"  # bfloat16 table: "stochastic" rounding of updates, or "nearest" (loses small ones)
 stem_offload = False  # keep the table and its optimizer state in host memory (stem_offload.py); sparse only
 stem_shard = False  # under torchrun: each rank owns 1/world of the table's rows and their state (stem_shard.py)
-dense_offload = False  # GPU: the dense weights, their gradients and AdamW state in host memory (FSDP2's CPUOffloadPolicy)
+dense_offload = False  # GPU: the dense weights, gradients and AdamW state in host memory (FSDP2's CPUOffloadPolicy)
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"  # "cpu", "cuda", "cuda:1", ...
 dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"  # no float16
@@ -325,44 +324,7 @@ def estimate_loss(cfg, model, rows_opt):
     return out
 
 
-# checkpoints (checkpoint.py) and the log
-
-def training_state(cfg, model, optimizer, rows_opt):
-    """The model's and the optimizers' state by name, as this rank holds it: FSDP's shards and a sharded table's
-    rows as DTensors (checkpoint.py saves and loads them piece by piece). The live tensors, not copies."""
-    model_state, optim_state = get_state_dict(model, optimizer)
-    if cfg.stem_shard:
-        from stem_shard import global_rows
-        model_state["stem_table"] = global_rows(model.stem_table.detach(), cfg.vocab_size)
-    return {"model": model_state, "optimizer": optim_state,
-            "stem_optimizer": rows_opt.state_dict() if rows_opt is not None else None}
-
-
-def save_checkpoint(cfg, model, optimizer, rows_opt, iter_num, best_val_loss):
-    """out_dir/ckpt/, every rank writing its own pieces. The row state comes first: it waits for an offloaded
-    table's queued updates, and raises if one failed, before anything is written."""
-    if rows_opt is not None:  # the saved table holds decayed rows: readers of the checkpoint need no optimizer
-        rows_opt.apply_pending_decay()
-    rngs = [checkpoint.rng_state(cfg.device_type)] * cfg.world_size  # dropout's generators, per rank
-    if cfg.distributed:
-        dist.all_gather_object(rngs, rngs[0])
-    checkpoint.save(cfg.out_dir, {**training_state(cfg, model, optimizer, rows_opt), "rng": rngs,
-                                  "model_args": dataclasses.asdict(model.config), "iter_num": iter_num,
-                                  "best_val_loss": best_val_loss, "config": {k: getattr(cfg, k) for k in DEFAULTS}})
-
-
-def resume(cfg, model, optimizer, rows_opt):
-    """The checkpoint's weights and optimizer state into this rank's model and optimizers, read piece by piece."""
-    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    state = checkpoint.load(cfg.out_dir, training_state(cfg, model, optimizer, rows_opt))
-    model_state = {k: v for k, v in state["model"].items() if not (cfg.stem_shard and k == "stem_table")}  # in
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=state["optimizer"],
-                   options=StateDictOptions(strict=not cfg.stem_shard))
-    for group, current in zip(optimizer.param_groups, settings):  # this run's settings, the checkpoint's moments
-        group.update(current)
-    if rows_opt is not None:
-        rows_opt.load_state_dict(state["stem_optimizer"])
-
+# the log
 
 def open_log(path, resume_iter=None):
     """write(**record) to log.jsonl, which keeps only the lines before a resumed run's first step: one run."""
@@ -386,7 +348,7 @@ def main(argv):
     model = build_model(cfg, resuming=ckpt is not None)  # saved as is: no compile wrapper, no _orig_mod. prefixes
     optimizer, rows_opt = build_optimizers(cfg, model)
     if ckpt is not None:
-        resume(cfg, model, optimizer, rows_opt)
+        checkpoint.resume_training(cfg, model, optimizer, rows_opt)
     start_iter, best_val_loss = (ckpt["iter_num"], ckpt["best_val_loss"]) if ckpt else (0, float("inf"))
     checkpoint.restore_rng(cfg, ckpt) if ckpt else torch.manual_seed(cfg.seed + cfg.rank)  # dropout differs by rank
     run_model = torch.compile(model) if cfg.compile else model
@@ -416,7 +378,8 @@ def main(argv):
                     log(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"])
                     bar.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 if iter_num > start_iter and (cfg.always_save_checkpoint or improved):  # the start is on disk
-                    save_checkpoint(cfg, model, optimizer, rows_opt, iter_num, best_val_loss)
+                    checkpoint.save_training(cfg, model, optimizer, rows_opt, iter_num, best_val_loss,
+                                             {k: getattr(cfg, k) for k in DEFAULTS})
             if iter_num == cfg.max_iters:
                 break
             t0, lr = time.time(), get_lr(cfg, iter_num)
