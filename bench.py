@@ -673,7 +673,9 @@ def gpu_train(deadline):
     B, T, info, rows, run = common["batch_size"], common["block_size"], {}, [], None
     for name, extra in (("stem, triton", {**table, "stem_kernel": "triton" if on_gpu() else "torch"}),
                         ("stem, torch path", {**table, "stem_kernel": "torch"}), ("swiglu", {"ffn": "swiglu"}),
-                        ("stem offloaded", {**table, "stem_offload": True})):
+                        ("stem offloaded", {**table, "stem_offload": True}),
+                        # last: its one-process group (FSDP2 needs one) stays for the rest of this process
+                        ("stem, dense offload", {**table, "dense_offload": True})):
         if time.perf_counter() > deadline:
             info[name] = {"error": f"skipped: past the {gpu_budget_s:g} s budget (gpu_budget_s)"}
             continue
@@ -706,15 +708,17 @@ def gpu_train(deadline):
                   [f"{machine()}; {shape(common)}; bfloat16, torch.compile; STEM tables as the preset: {table}; median "
                    f"of {n_reps(3, 10)} steps after {max(warmup, 3)} warm-up; peak GB: the variant's own"], info)]
     triton = info["stem, triton"]
-    for other in ("stem, torch path", "stem offloaded"):
+    for other in ("stem, torch path", "stem offloaded", "stem, dense offload"):
         if "ms" in triton and "ms" in info[other]:
             diff = [abs(x - y) for x, y in zip(triton["losses"], info[other]["losses"])]
             out.append(result(f"gpu_vs_{other.split()[-1]}", f"gpu: {other} vs stem, triton: step time and losses",
-                              ["steps", "time ratio", "max abs loss difference", "bit-identical losses", "first loss",
-                               "last loss"], [[len(diff), info[other]["ms"] / triton["ms"], max(diff),
-                                               sum(x == 0 for x in diff), triton["losses"][0], triton["losses"][-1]]],
+                              ["steps", "time ratio", "peak GB ratio", "max abs loss difference",
+                               "bit-identical losses", "first loss", "last loss"],
+                              [[len(diff), info[other]["ms"] / triton["ms"],
+                                ratio(info[other]["peak_gb"], triton["peak_gb"]), max(diff), sum(x == 0 for x in diff), triton["losses"][0], triton["losses"][-1]]],
                               ["same weights and batches; offloaded: the row AdamW runs on the host; torch path: "
-                               "F.silu(gate) * F.embedding(t, E) compiled by Inductor instead of the Triton op"]))
+                               "F.silu(gate) * F.embedding(t, E) compiled by Inductor instead of the Triton op; dense "
+                               "offload: FSDP2's CPUOffloadPolicy, AdamW on the host"]))
     return out
 
 def bench_gpu():

@@ -158,10 +158,12 @@ def test_gpu_check_runs_on_a_cpu_under_the_interpreter():
     assert all(r[4] is True and r[5] is True for r in parity), parity  # within tolerance, bit-identical rerun
     assert "backward plan (once per forward)" in {r[1] for r in results["gpu_kernel"]["rows"]}
     train_rows = {r[0]: r for r in results["gpu_train"]["rows"]}
-    assert set(train_rows) == {"stem, triton", "stem, torch path", "swiglu", "stem offloaded"}
+    assert set(train_rows) == {"stem, triton", "stem, torch path", "swiglu", "stem offloaded", "stem, dense offload"}
+    dense_offload = train_rows.pop("stem, dense offload")  # FSDP2's CPUOffloadPolicy needs a GPU: refused here
+    assert "dense_offload=True keeps the dense weights in host memory" in str(dense_offload[1]), dense_offload
     assert not [r for r in train_rows.values() if str(r[1]).startswith("failed")], train_rows
     assert "bfloat16" in results["gpu_train"]["notes"][0] and "rowwise" in results["gpu_train"]["notes"][0]
     for name in ("gpu_vs_path", "gpu_vs_offloaded"):  # on a CPU both STEM runs take the same torch path
-        assert results[name]["rows"][0][3] == results[name]["rows"][0][0], results[name]  # every loss identical
+        assert results[name]["rows"][0][4] == results[name]["rows"][0][0], results[name]  # every loss identical
     skipped = json.loads(next(l[8:] for l in proc.stdout.splitlines() if l.startswith("SKIPPED ")))
     assert skipped == ["gpu: parity: skipped", "gpu: kernel: skipped", "gpu: train: skipped"]
