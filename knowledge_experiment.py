@@ -48,18 +48,19 @@ from prepare import load_tokenizer, prepare
 # settings (--key=value or a config/*.py file)
 what = "experiment"  # experiment (train, score, table, JSON, figure) | figure (redraw the figure from json)
 json = "out/knowledge/results.json"  # the results as JSON (the figure is drawn from it)
-figure = "docs/knowledge.png"  # the figure's PNG ("" for none); needs matplotlib
-n_people = "50,100,200,400"  # N: the numbers of people, comma separated: one corpus and one model per FFN each
+figure = "out/knowledge/knowledge.png"  # the figure's PNG ("" for none); needs matplotlib
+n_people = "8,16,32"  # N: the numbers of people, comma separated: one corpus and one model per FFN and seed each
 n_attributes = 4  # K: the first K of birth year, birth city, university, employer, field
 ffns = "swiglu,moe,stem,stem_all"  # the FFNs compared: swiglu | moe | stem (all layers but 0) | stem_all
 seeds = "1337,1338"  # train.py seeds, comma separated: one model per seed, N and FFN
-steps = "1000,2000"  # checkpoints scored at these steps (the last is the run's length; the lr schedule spans it)
-curve_n = 0  # the N whose models are scored at every entry of steps (recall against steps); 0: the largest N
+steps = "80,160,240"  # checkpoints scored at these steps (the last is the run's length; the lr schedule spans it)
+curve_n = 0  # the N whose models are scored at every entry of steps (recall against steps); 0: the smallest N
 data_seed = 0  # draws the names and the facts (the same data for every seed)
 passes = 10  # shuffled passes over all training sentences in the corpus (train.py draws random windows of it)
 out_dir = "out/knowledge"  # models go to out_dir/n<N>_<ffn>_s<seed>/
 data_dir = "data"  # corpora go to data_dir/<name>_n<N>_k<K>/ (train.py reads them from there)
 name = "knowledge"  # the datasets' name prefix
+threads = 1  # torch threads in each train.py child (OMP_NUM_THREADS) and here; 0: torch's default (all cores)
 keep_checkpoints = False  # keep each run's ckpt.pt (a STEM one is ~0.9 GB); False: delete it once scored
 train_args = ""  # more train.py settings after ours, space separated, e.g. "--learning_rate=3e-3"
 # ----------------------------------------------------------------------------------------------------------
@@ -111,11 +112,12 @@ MIN_PEOPLE = 8  # from 8 on, the grid in draw_people gives every first and every
 MAX_PEOPLE = len(FIRST_NAMES) * len(LAST_NAMES)
 FFN_ARGS = {"swiglu": {"ffn": "swiglu"}, "moe": {"ffn": "moe"}, "stem": {"ffn": "stem"},
             "stem_all": {"ffn": "stem", "stem_layers": "all"}}  # "all": every layer, filled in per n_layer
-# train.py settings; train_args come after them, so they win. 512 tokens a step: on a CPU the 50304-way lm_head
-# is most of a step's cost, whatever the FFN.
+# train.py settings; train_args come after them, so they win. n_embd 64 (train.py's default): on a CPU the
+# 50304-way lm_head is most of a step's cost whatever the FFN, and it grows with the width. learning_rate 1e-2
+# (train.py's default): at 3e-3 only STEM left chance within 300 steps at 16 people (docs/knowledge.md).
 EXPERIMENT_TRAIN_ARGS = {
-    "n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 32, "batch_size": 16, "learning_rate": 3e-3,
-    "min_lr": 3e-4, "warmup_iters": 50, "eval_iters": 2, "log_interval": 50,
+    "n_layer": 4, "n_head": 4, "n_embd": 64, "block_size": 32, "batch_size": 16, "learning_rate": 1e-2,
+    "min_lr": 1e-3, "warmup_iters": 20, "eval_iters": 2, "log_interval": 50,
 }
 
 
@@ -353,8 +355,14 @@ def experiment(opts):
     enc = load_tokenizer()
     ns, ffns, seeds, steps = (parse_list("n_people", opts.n_people), opts.ffns.split(","), parse_seeds(opts.seeds),
                               sorted(set(parse_list("steps", opts.steps))))
-    curve_n = opts.curve_n or max(ns)
+    curve_n = opts.curve_n or min(ns)
     extra = extra_train_args(opts.train_args)
+    os.makedirs(os.path.dirname(opts.json) or ".", exist_ok=True)
+    if opts.threads:
+        # One thread: on this shared 2-core machine a 2-thread step took 1.5-3.1 s, a 1-thread one 0.31-0.37 s
+        # (load 4-5), as threads that wait for each other spin while the other is descheduled.
+        os.environ["OMP_NUM_THREADS"] = str(opts.threads)  # the children read it as torch starts
+        torch.set_num_threads(opts.threads)
     n_layer = int(next((a.partition("=")[2] for a in extra if a.startswith("--n_layer=")),
                        EXPERIMENT_TRAIN_ARGS["n_layer"]))
     results = {"settings": vars(opts), "train_args": EXPERIMENT_TRAIN_ARGS, "curve_n": curve_n, "steps": steps,
@@ -433,9 +441,11 @@ def report(results):
                          f"{mean_of(rs, 'choice'):.3f} | {mean_of(rs, 'bits'):.0f} | "
                          f"{mean_of(rs, 'bits') / rs[0]['active_params']:.2e} | "
                          f"{mean_of(rs, 'bits') / rs[0]['params']:.2e} | {mean_of(rs, 'val_loss'):.3f} |")
-        mf = data[n]["most_frequent"]
-        lines.append(f"| {n} | most frequent value | {mf['recall']:.3f} | {mf['recall_held_out']:.3f} | "
-                     f"{mf['choice']:.3f} | {mf['bits']:.0f} | | | |")
+        untrained = max((r["untrained"] for r in runs if r["n_people"] == n and "untrained" in r),
+                        key=lambda u: u["choice"])
+        for label, c in (("most frequent value", data[n]["most_frequent"]), ("untrained (best FFN)", untrained)):
+            lines.append(f"| {n} | {label} | {c['recall']:.3f} | {c['recall_held_out']:.3f} | {c['choice']:.3f} | "
+                         f"{c['bits']:.0f} | | | |")
     curve = [r for r in runs if r["n_people"] == results["curve_n"]]
     lines += ["", f"recall against steps at N = {results['curve_n']} (training templates, mean over seeds)",
               "| steps | " + " | ".join(ffns) + " |", "|" + "---|" * (len(ffns) + 1)]
@@ -483,11 +493,13 @@ def draw_figure(results, path):
                                                          f"({tokens / 1e6:.2f}M tokens)")
     right.set(xlabel="training steps", ylabel="recall (training templates)",
               title=f"recall against steps, N = {results['curve_n']}")
+    left.minorticks_off()  # the N themselves as ticks, not log-scale minor labels that collide with them
     left.set_xticks(ns, [str(n) for n in ns])
+    right.set_xlim(0, results["steps"][-1] * 1.05)
     for ax in (left, right):
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path + ".tmp.png", dpi=110)
@@ -509,24 +521,27 @@ def settings(argv=None):
     parse_seeds(s["seeds"])
     parse_list("steps", s["steps"])
     if s["curve_n"] and s["curve_n"] not in parse_list("n_people", s["n_people"]):
-        raise ConfigError(f"curve_n {s['curve_n']} is not one of n_people ({s['n_people']}); 0 takes the largest")
-    if s["passes"] < 1:
-        raise ConfigError(f"passes must be at least 1, got {s['passes']}")
+        raise ConfigError(f"curve_n {s['curve_n']} is not one of n_people ({s['n_people']}); 0 takes the smallest")
+    for key, low in (("passes", 1), ("threads", 0), ("data_seed", 0)):
+        if s[key] < low:
+            raise ConfigError(f"{key} must be at least {low}, got {s[key]}")
     extra_train_args(s["train_args"])
     return SimpleNamespace(**s)
 
 
+def redraw(opts):
+    """The tables and the figure again, from the JSON an experiment wrote."""
+    if not os.path.exists(opts.json):
+        raise ConfigError(f"no results at {opts.json}: run the experiment first, or point --json at its file")
+    with open(opts.json) as f:
+        results = jsonlib.load(f)
+    print(report(results))
+    draw_figure(results, opts.figure or "out/knowledge/knowledge.png")
+
+
 def main(argv=None):
     opts = settings(argv)
-    if opts.what == "experiment":
-        experiment(opts)
-    else:
-        if not os.path.exists(opts.json):
-            raise ConfigError(f"no results at {opts.json}: run the experiment first, or point --json at its file")
-        with open(opts.json) as f:
-            results = jsonlib.load(f)
-        print(report(results))
-        draw_figure(results, opts.figure or "docs/knowledge.png")
+    (experiment if opts.what == "experiment" else redraw)(opts)
 
 
 if __name__ == "__main__":

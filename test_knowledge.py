@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 # ---------------------------------------------------------------------------------------------------------
 # the data
 
-@pytest.mark.parametrize("n", [8, 9, 10, 17, 50, 400, kx.MAX_PEOPLE])
+@pytest.mark.parametrize("n", [8, 9, 10, 13, 17, 50, 400, kx.MAX_PEOPLE])  # 13: a 4 x 4 grid, one in a last row
 def test_people_are_distinct_and_every_name_is_shared(n):
     people = kx.draw_people(n, seed=3)
     assert len(people) == len(set(people)) == n
@@ -156,13 +156,14 @@ def run_script(*args, cwd):
     (["--curve_n=60"], "curve_n 60 is not one of n_people"),
     (["--train_args=--seed=3"], "train_args sets --seed"),
     (["--passes=0"], "passes must be at least 1"),
+    (["--threads=-1"], "threads must be at least 0"),
     (["--what=figure", "--json=none.json"], "no results at none.json"),
     (["--n_layers=3"], "unknown key --n_layers"),
 ])
 def test_bad_settings_are_refused_before_anything_is_written(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=message):
-        kx.main(args)
+        kx.redraw(kx.settings(args))  # settings() checks it all; not main(), which would train if it did not
     assert list(tmp_path.iterdir()) == []
 
 
@@ -190,11 +191,16 @@ def test_help_lists_every_key(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # a tiny experiment through the real road
 
-def test_tiny_experiment_end_to_end(tmp_path, capsys):
-    out, data, result = tmp_path / "out", tmp_path / "data", tmp_path / "results.json"
-    kx.main([f"--out_dir={out}", f"--data_dir={data}", f"--json={result}", "--figure=", "--n_people=8",
-             "--n_attributes=2", "--ffns=swiglu,stem_all", "--seeds=5", "--steps=2,3", "--passes=2",
-             "--train_args=--n_layer=2 --n_head=2 --n_embd=16 --block_size=16 --batch_size=2 --warmup_iters=1"])
+def test_tiny_experiment_end_to_end(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # restored afterwards: the experiment sets it for its children
+    out, data, result = tmp_path / "out", tmp_path / "data", tmp_path / "new" / "results.json"  # a folder to make
+    threads = torch.get_num_threads()
+    try:
+        kx.main([f"--out_dir={out}", f"--data_dir={data}", f"--json={result}", "--figure=", "--n_people=8",
+                 "--n_attributes=2", "--ffns=swiglu,stem_all", "--seeds=5", "--steps=2,3", "--passes=2",
+                 "--train_args=--n_layer=2 --n_head=2 --n_embd=16 --block_size=16 --batch_size=2 --warmup_iters=1"])
+    finally:
+        torch.set_num_threads(threads)
     results = json.loads(result.read_text())
     assert [d["n_people"] for d in results["data"]] == [8] and results["curve_n"] == 8
     assert (data / "knowledge_n8_k2" / "train.bin").exists() and (data / "knowledge_n8_k2" / "val.bin").exists()
