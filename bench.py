@@ -524,10 +524,12 @@ PEAK_RSS = r"""
 # train.py, then this rank's peak resident memory into out_dir/peak_rss_<rank>.json
 import json, os, resource, runpy, sys
 sys.argv[0] = {train!r}
+sys.path.insert(0, os.path.dirname({train!r}))
 out = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--out_dir="))
 try:
     runpy.run_path({train!r}, run_name="__main__")
 finally:
+    os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"peak_rss_{{os.environ.get('RANK', 0)}}.json"), "w") as f:
         json.dump(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, f)
 """
