@@ -308,15 +308,15 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(p, std=0.02)
 
-    def _apply(self, fn, *args, **kwargs):
-        # Module.to/cuda/half all go through _apply; with offload, hide the table from it.
+    def to(self, *args, **kwargs):
+        # with offload the table stays in host memory: unregistered while everything else moves
         if not self.stem_table_on_host or self.stem_table is None:
-            return super()._apply(fn, *args, **kwargs)
-        table = self._parameters.pop("stem_table")
+            return super().to(*args, **kwargs)
+        table, self.stem_table = self.stem_table, None
         try:
-            return super()._apply(fn, *args, **kwargs)
+            return super().to(*args, **kwargs)
         finally:
-            self._parameters["stem_table"] = table
+            self.stem_table = table
 
     def forward(self, idx, targets=None, stem_rows=None, kv_cache=None, return_aux=False, last_only=False):
         """(logits, loss), or (logits, loss, aux_loss) with return_aux: loss is the plain cross-entropy, the same

@@ -286,8 +286,8 @@ def clip_grad_norm_(parameters, max_norm, row_optimizer=None):
     total = torch.stack([s.to(squares[0].device) for s in squares]).sum().sqrt()
     if max_norm > 0:
         scale = torch.clamp(max_norm / (total + 1e-6), max=1.0).float()
-        if pieces:
-            torch._foreach_mul_(pieces, scale.to(pieces[0].device))
+        for g in pieces:
+            g.mul_(scale.to(g.device))
         if row_optimizer is not None:
             row_optimizer.scale_grad(scale)
     return total
