@@ -1,9 +1,10 @@
 """
 Benchmarks for stem-gpt: what STEM costs and saves next to SwiGLU and MoE, as markdown tables and --json=FILE.
-`python bench.py` runs all but shard, quality and gpu; --what=NAME one of them; --tiny=True toy sizes everywhere;
---what=gpu is the GPU check (<= 10 min on one H100). Timing: `warmup` untimed rounds, then `reps` rounds in which
-the variants take turns (round-robin, the first one rotating), so a busy machine's slow phases fall on all alike;
-a figure is the median of its rounds: compare ratios within one run, not times across runs.
+`python bench.py` runs all but shard, quality, gpu and figures; --what=NAME one of them; --tiny=True toy sizes
+everywhere; --what=gpu is the GPU check (<= 10 min on one H100); --what=figures draws docs/*.png (needs matplotlib).
+Timing: `warmup` untimed rounds, then `reps` rounds in which the variants take turns (round-robin, the first one
+rotating), so a busy machine's slow phases fall on all alike; a figure is the median of its rounds: compare ratios
+within one run, not times across runs.
 """
 
 import contextlib
@@ -14,6 +15,7 @@ import json as jsonlib
 import math
 import multiprocessing
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -22,7 +24,7 @@ import tempfile
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
-from types import GeneratorType, SimpleNamespace
+from types import SimpleNamespace
 
 # Transparent huge pages, so each step's big temporaries (logits, their gradient) are not page-faulted in anew
 # (measured: 26x the faults, +16% step time). torch reads it once: set before its import; the user's value wins.
@@ -30,7 +32,6 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import checkpoint
 import configurator
@@ -43,7 +44,7 @@ from model import GPT, GPTConfig, MoE, STEM, StemRows, SwiGLU
 
 # ----------------------------------------------------------------------------------------------------------
 # settings (config/*.py files and --key=value, see configurator.py; python bench.py --help lists them)
-what = "all"  # all (all but shard, quality, gpu) or: ffn step vocab gather sample capacity offload prepare shard quality gpu
+what = "all"  # all, or one of: ffn step vocab gather sample capacity offload prepare shard quality gpu figures
 device = "cuda" if torch.cuda.is_available() else "cpu"  # where ffn..offload run; gpu always uses cuda
 dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"  # or "float32"
 reps = 0  # timed rounds per measurement; 0: each one's own default (fewer where a call takes seconds)
@@ -53,16 +54,14 @@ seed = 1337
 data_dir = "data/shakespeare"  # val.bin from `python prepare.py`; without it, Zipfian token ids stand in
 json = ""  # write the results here; gpu's default: $OUT/bench_gpu.json if OUT is set, else bench_gpu.json
 tiny = False  # toy shapes everywhere: the smoke test, and a quick check that everything runs
-profile = False  # ffn, step: also a torch.profiler table of where each variant's time goes
 quality_config = "config/quality_shakespeare.py"  # quality: the shared train.py config; variants differ in ffn
 quality_out = "out/quality"  # quality: each variant trains in quality_out/<variant>
 quality_extra = ""  # quality: more train.py settings for every variant, e.g. "--seed=1338" (space separated)
 shard_out = "out/shard"  # shard: each run of the comparison trains in shard_out/<run>
 quality_variants = "swiglu,stem,moe,stem_half"  # quality: which to train, comma separated, or "all" (adds bf16 ...)
-pcie_gb_s = 25.0  # offload projection: host<->GPU copy speed, each direction (PCIe 4.0 x16, effective)
-peak_tflops = 989.0  # offload projection: the GPU's dense bf16 peak (H100 SXM)
-mfu_assumed = 0.40  # offload projection: the model FLOPs utilisation the step's compute is projected at
-gpu_budget_s = 480.0  # gpu: parts and training variants not started within this many seconds are skipped
+figures_seeds = "1337,1338"  # figures: the quality runs of swiglu,stem,moe in <quality_out>_s<seed>, one a seed
+figures_dir = "docs"  # figures: where the PNGs go
+gpu_budget_s = 480.0  # gpu: the training variants not started within this many seconds are skipped
 DEFAULTS = configurator.defaults_of(globals())
 GPT2_VOCAB = 50304
 LR = 6e-4  # the learning rate of every timed training step
@@ -90,6 +89,9 @@ in_ms = lambda times: {k: [t * 1e3 for t in v] for k, v in times.items()}  # noq
 def one_line(e):
     return f"{type(e).__name__}: {' '.join(str(e).split())}"[:500]
 
+def data_args():  # data_dir as train.py's two settings
+    return [f"--data_dir={os.path.dirname(data_dir)}", f"--dataset={os.path.basename(data_dir)}"]
+
 def source():
     return "Shakespeare validation text" if os.path.exists(os.path.join(data_dir, "val.bin")) else "Zipfian ids"
 
@@ -99,17 +101,16 @@ def cpu_seconds():  # this process and its reaped children (prepare's workers en
 
 def time_round_robin(fns, rounds, cpu=None):
     """(median, every round's) seconds per call of each fn, round r starting at the r-th; cpu: CPU s, warm-up too."""
-    names, times = list(fns), {name: [] for name in fns}
+    names, times, cpu = list(fns), {name: [] for name in fns}, {} if cpu is None else cpu
     for r in range(-warmup, rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             sync()
-            c0, t0 = cpu_seconds() if cpu is not None else 0, time.perf_counter()
+            c0, t0 = cpu_seconds(), time.perf_counter()
             fns[name]()
             sync()
             if r >= 0:
                 times[name].append(time.perf_counter() - t0)
-            if cpu is not None:
-                cpu.setdefault(name, []).append(cpu_seconds() - c0)
+            cpu.setdefault(name, []).append(cpu_seconds() - c0)
     return {name: statistics.median(t) for name, t in times.items()}, times
 
 def text_tokens(vocab, _cache={}):
@@ -134,8 +135,8 @@ def shape(s):
     return (f"{s['n_layer']} layers, n_embd {s['n_embd']}, d_ff {s['d_ff']}, vocab {s['vocab_size']}; batch "
             f"{s['batch_size']} x {s['block_size']} of {source()}")
 
-def result(name, title, columns, rows, notes=(), raw=None):
-    return {"name": name, "title": title, "columns": columns, "rows": rows, "notes": list(notes), "raw": raw}
+def result(name, title, columns, rows, notes=(), raw=None):  # the machine, as it was then, is the first note
+    return {"name": name, "title": title, "columns": columns, "rows": rows, "notes": [machine(), *notes], "raw": raw}
 
 def fmt(v):
     if v is None or isinstance(v, (bool, str)) or not isinstance(v, int) and not math.isfinite(v):
@@ -150,31 +151,8 @@ def print_result(res):
     print("".join(f"\n- {note}" for note in res["notes"]), flush=True)
 
 def machine():
-    return torch.cuda.get_device_name(device) if on_gpu() else \
-        f"CPU, {torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
-
-def profile_ops(fns, title, calls=3):
-    """Self time per aten op (CPU time on a CPU, kernel time on a GPU) of each fn, from torch.profiler."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-    per_op = {}
-    for name, fn in fns.items():
-        with torch_profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * on_gpu()) as prof:
-            for _ in range(calls):
-                fn()
-            sync()
-        for e in prof.key_averages():
-            t = (e.self_device_time_total if on_gpu() else e.self_cpu_time_total) / calls / 1e3
-            if e.key.startswith("aten::") and t > 0:
-                per_op.setdefault(e.key, {})[name] = t
-    rows = [[op] + [per_op[op].get(n) for n in fns] for op in sorted(per_op, key=lambda k: -max(per_op[k].values()))]
-    rows = rows[:14] + [["all aten ops"] + [sum(per_op[op].get(n, 0) for op in per_op) for n in fns]]
-    return result(title.replace(" ", "_"), f"{title}: self time per op, ms per call (torch.profiler)",
-                  ["op"] + list(fns), rows, [f"{machine()}; mean of {calls} calls after the timing"])
-
-def layer_rows(rows, inverse, ids, width, fused):
-    """The StemRows a lone STEM layer reads, as GPT.forward builds them: column blocks of width, the plan."""
-    plan = stem_ops.backward_plan(inverse, rows.size(0)) if fused else ()
-    return StemRows(rows, inverse, ids, layers=rows.split(width, dim=1), fused=fused, plan=tuple(plan))
+    return f"{torch.cuda.get_device_name(device)}, {dtype}" if on_gpu() else f"CPU, {dtype}, " \
+        f"{torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
 
 def free_memory():  # drop compiled graphs and cycles, so the next peak-memory reading is its own
     torch._dynamo.reset()
@@ -208,12 +186,19 @@ def model_settings(variant, vocab, kind):
     return dict(ffn=variant.split("_")[0], stem_optim="dense" if variant == "stem_dense" else "sparse",
                 vocab_size=vocab, n_layer=L, n_head=max(1, C // 64), n_embd=C, d_ff=f, batch_size=B, block_size=T)
 
-def time_steps(kind, specs):
-    """Training steps of each spec ("variant@vocab"), round-robin in this process: ms, MFU, accounting, last loss."""
-    runs = {spec: trainer(model_settings(*spec.split("@"), kind)) for spec in specs}
-    log(f"{kind}: {n_reps(3, 10)} rounds of {', '.join(specs)} (child process {os.getpid()})")
+def time_steps(settings, warm=0):
+    """Training steps of each of {name: train.py settings}, round-robin in this process, after `warm` untimed ones
+    each (torch.compile's: compile, recompile, steady): ms, MFU, the model's accounting, every loss."""
+    runs = {name: trainer(s) for name, s in settings.items()}
+    log(f"{n_reps(3, 10)} rounds of {', '.join(runs)} (process {os.getpid()})")
     fns = {s: lambda r=r: r.losses.append(r.step()[0]) for s, r in runs.items()}
-    medians, times = time_round_robin(fns, n_reps(3, 10))
+    try:
+        for r in runs.values():
+            r.losses += [r.step()[0] for _ in range(warm)]
+        medians, times = time_round_robin(fns, n_reps(3, 10))
+    finally:  # the host optimizers' threads end either way; a failed host job raises here
+        for opt in [r.rows_opt for r in runs.values() if r.rows_opt is not None]:
+            opt.close()
     out = {}
     for s, r in runs.items():
         T, tps = r.cfg.block_size, r.cfg.batch_size * r.cfg.block_size / medians[s]
@@ -221,8 +206,6 @@ def time_steps(kind, specs):
                   "mfu": r.model.estimate_mfu(tps, device, seq_len=T), "params": r.model.num_params(),
                   "active": r.model.active_params_per_token(), "flops_per_token": r.model.flops_per_token(T),
                   "loss": r.losses[-1], "losses": r.losses}
-    if profile:
-        out["profile"] = profile_ops({s: r.step for s, r in runs.items()}, f"{kind} profile")
     return out
 
 def _in_child(settings, fn_name, args):
@@ -251,8 +234,9 @@ def bench_ffn():
         x.grad = None
         modules[name].zero_grad(set_to_none=True)
         if kernel:
-            r = lookup(next(batches))
-            rows = layer_rows(r.rows, r.inverse, r.ids, f, stem_ops.use_triton(kernel, device))
+            r, fused = lookup(next(batches)), stem_ops.use_triton(kernel, device)
+            plan = stem_ops.backward_plan(r.inverse, r.rows.size(0)) if fused else ()  # as GPT.forward builds them
+            rows = StemRows(r.rows, r.inverse, r.ids, layers=(r.rows,), fused=fused, plan=tuple(plan))
         with autocast():
             out = modules[name](x, rows) if kernel else modules[name](x)
         outs = out if isinstance(out, tuple) else (out,)  # MoE: (y, aux loss)
@@ -265,17 +249,16 @@ def bench_ffn():
     counts = {k: m.matmul_params_per_token() - m.lm_head.weight.numel() - 4 * d * d for k, m in models.items()}
     rows = [[*(n + "/-").split("/")[:2], t * 1e3, ratio(t, medians["swiglu"]),
              counts[n.split("/")[0]] / counts["swiglu"]] for n, t in medians.items()]
-    notes = [f"{machine()}, {dtype}; d_model {d}, d_ff {f}, {B} x {T} tokens of {source()}; median of {n_reps(10, 50)} "
-             "rounds; STEM fed SparseRowAdamW.lookup's rows; MoE: 8 experts of d_ff/2, top-2"]
-    res = result("ffn", "ffn: one FFN layer, forward + backward", ["FFN", "kernel", "ms (median)", "ratio to SwiGLU",
+    notes = [f"d_model {d}, d_ff {f}, {B} x {T} tokens of {source()}; median of {n_reps(10, 50)} rounds; STEM fed "
+             "SparseRowAdamW.lookup's rows; MoE: 8 experts of d_ff/2, top-2"]
+    return result("ffn", "ffn: one FFN layer, forward + backward", ["FFN", "kernel", "ms (median)", "ratio to SwiGLU",
                  "FLOP ratio (model accounting)"], rows, notes, in_ms(times))
-    return [res, profile_ops(fns, "ffn profile")] if profile else res
 
 def bench_step():
     """A GPT-2-small training step (train.train_step), STEM (sparse table) vs SwiGLU; MoE: no room in 23 GB."""
     vocab = 1024 if tiny else GPT2_VOCAB
     specs = [f"{v}@{vocab}" for v in ("stem", "swiglu")]
-    got, rows = isolated(time_steps, "step", specs), []
+    got, rows = isolated(time_steps, {spec: model_settings(*spec.split("@"), "step") for spec in specs}), []
     if "error" in got:
         return result("step", "step: failed", ["error"], [[got["error"]]])
     for spec, r, ref in ((spec, got[spec], got[f"swiglu@{vocab}"]) for spec in specs):
@@ -283,17 +266,16 @@ def bench_step():
         rows.append([spec.split("@")[0], r["ms"], r["tokens_per_s"], None if r["mfu"] is None else f"{r['mfu']:.1%}",
                      statistics.median(per_round), f"{min(per_round):.2f}-{max(per_round):.2f}",
                      r["flops_per_token"] / ref["flops_per_token"], r["params"] / 1e6, r["active"] / 1e6, r["loss"]])
-    notes = [f"{machine()}, {dtype}; {shape(model_settings('stem', vocab, 'step'))}; eager train_step in a child; "
+    notes = [f"{shape(model_settings('stem', vocab, 'step'))}; eager train_step in a child; "
              f"ratio: median of {n_reps(3, 10)} rounds' variant/SwiGLU, range: lowest-highest; target <= 0.9"]
-    res = result("step", "step: one full training step", ["variant", "ms/step", "tokens/s", "MFU", "ratio to SwiGLU",
+    return result("step", "step: one full training step", ["variant", "ms/step", "tokens/s", "MFU", "ratio to SwiGLU",
                  "ratio range", "FLOP ratio", "params (M)", "active/token (M)", "last loss"], rows, notes, got)
-    return [res, got.pop("profile")] if profile else res
 
 def bench_vocab():
     """The training step as the vocabulary grows: sparse-table STEM, dense-table STEM (plain AdamW), SwiGLU."""
     vocabs, raw = (256, 1024, 4096) if tiny else (8192, 50304, 131072), {}
     for group in ([f"{v}@{n}" for n in vocabs[::-1] for v in ("stem", "swiglu")], [f"stem_dense@{n}" for n in vocabs]):
-        got = isolated(time_steps, "vocab", group)
+        got = isolated(time_steps, {spec: model_settings(*spec.split("@"), "vocab") for spec in group})
         raw.update({s: {"error": got["error"]} for s in group} if "error" in got else got)
     ms, first, rows = {k: r.get("ms") for k, r in raw.items()}, vocabs[0], []
     for n in vocabs:
@@ -302,7 +284,7 @@ def bench_vocab():
                      ratio(ratio(sp, sw), ratio(ms[f"stem@{first}"], ms[f"swiglu@{first}"])),
                      None if None in (sp, sw) else sp - sw, None if None in (de, sw) else de - sw])
     s = model_settings("stem", "/".join(map(str, vocabs)), "vocab")
-    notes = [f"{machine()}, {dtype}; {shape(s)}; median of {n_reps(3, 10)} rounds; stem (sparse table) and swiglu "
+    notes = [f"{shape(s)}; median of {n_reps(3, 10)} rounds; stem (sparse table) and swiglu "
              f"alternate in one child process, stem_dense in another; 'vs {first}' divides out the lm_head's growth"]
     return result("vocab", "vocab: training step as the vocabulary grows",
                   ["vocab", "SwiGLU ms", "STEM sparse ms", "STEM dense ms", "sparse/SwiGLU", "dense/SwiGLU",
@@ -324,7 +306,7 @@ def bench_gather():
     moved, base = 2 * ids.numel() * width * 4, medians["memcpy (dst.copy_(src))"]  # bytes read + written
     return result("gather", "gather: STEM row gather vs memcpy", ["operation", "MB moved", "ms (median)", "GB/s",
                   "fraction of memcpy"], [[k, moved / 1e6, t * 1e3, moved / t / 1e9, base / t] for k, t in
-                  medians.items()], [f"{machine()}; {ids.numel()} distinct ids of {B} x {T} {source()}, a {vocab} x "
+                  medians.items()], [f"{ids.numel()} distinct ids of {B} x {T} {source()}, a {vocab} x "
                   f"{width} fp32 table; median of {n_reps(30, 100)} rounds"], in_ms(times))
 
 def bench_sample():
@@ -346,9 +328,9 @@ def bench_sample():
             ["KV cache, decoding only", None] + ([1 / decode, decode * 1e3, uncached / n_new / decode] if decode > 0
                                                  else [None] * 3)]
     return result("sample", "sample: generation speed with and without the KV cache", ["mode", "ms per generate",
-                  "new tokens/s", "ms/token", "speedup over no cache"], rows, [f"{machine()}, {dtype}; STEM model, {L} "
-                  f"layers, n_embd {C}; a {prompt_len}-token prompt of {source()}, {n_new} new tokens; decoding only = "
-                  f"(KV cache - a 1-token generate) / (new tokens - 1)"], in_ms(times))
+                  "new tokens/s", "ms/token", "speedup over no cache"], rows, [f"STEM model, {L} layers, n_embd {C}; "
+                  f"a {prompt_len}-token prompt of {source()}, {n_new} new tokens; decoding only = (KV cache - a "
+                  "1-token generate) / (new tokens - 1)"], in_ms(times))
 
 def bench_capacity():
     """Parameters active per sequence as the context grows: distinct tokens of real text x the table's rows."""
@@ -371,51 +353,33 @@ def bench_capacity():
                   ["context", "windows", "distinct tokens", "distinct/context", "table rows touched",
                    "STEM active/seq (M)", "dense active/seq (M)", "STEM/dense", "STEM active/total"], rows, notes)
 
-def row_traffic(batches):
-    """Per batch: distinct ids, and how many of them the previous batch also had (rows its update changed)."""
-    ids = [torch.unique(x) for x, _ in batches]
-    return [i.numel() for i in ids], [0] + [int(torch.isin(ids[k], ids[k - 1]).sum()) for k in range(1, len(ids))]
-
 def bench_offload():
-    """Bytes the host-resident table moves per train.train_step (measured), then projected for GPT-2 small."""
+    """Bytes the host-resident table moves per train.train_step, measured by OffloadedRowAdamW's counters."""
     n_steps, vocab = (3, 1024) if tiny else (6, GPT2_VOCAB)
     s = {**model_settings("stem", vocab, "offload"), "stem_offload": True}
     run = trainer(s, n_steps, offset=1)
     run.losses = [run.step()[0] for _ in range(n_steps)]
     run.rows_opt.close()  # waits for the last host update
-    distinct, overlap = row_traffic(run.batches + run.batches[:1])  # micro_batches draws one ahead: batches[0] again
+    ids = [torch.unique(x) for x, _ in run.batches + run.batches[:1]]  # micro_batches draws one ahead: batches[0]
+    distinct = [i.numel() for i in ids]  # and of those, the ones the previous batch had too (rows its update changed)
+    overlap = [int(torch.isin(ids[k], ids[k - 1]).sum()) for k in range(1, len(ids))]
     opt, row_bytes, B, T = run.rows_opt, run.rows_opt.table[0].nbytes, s["batch_size"], s["block_size"]
     m = {"to_device": opt.bytes_to_device / n_steps, "to_host": opt.bytes_to_host / n_steps,
          "expected_to_device": (sum(distinct) + sum(overlap)) * row_bytes / n_steps,
          "expected_to_host": sum(distinct[:-1]) * row_bytes / n_steps}
-    res = result("offload", "offload: bytes per training step with the STEM table in host memory (measured)",
-                 ["model", "batch", "distinct rows/step", "H2D MB/step", "expected H2D MB", "H2D/expected",
-                  "D2H MB/step", "expected D2H MB"],
-                 [[f"{s['n_layer']} layers, n_embd {s['n_embd']}, vocab {vocab}", f"{B} x {T}",
-                   statistics.mean(distinct[:-1]), m["to_device"] / 1e6, m["expected_to_device"] / 1e6,
-                   m["to_device"] / m["expected_to_device"], m["to_host"] / 1e6, m["expected_to_host"] / 1e6]],
-                 [f"OffloadedRowAdamW's counters over {n_steps} steps on {source()}; expected H2D: each batch's "
-                  "distinct rows (the one drawn ahead too) + those the previous update changed after the prefetch"], m)
-    with torch.device("meta"):
-        big = GPT(GPTConfig(vocab_size=GPT2_VOCAB, n_layer=12, n_head=12, n_embd=768, d_ff=2048))
-    row_mb, proj = big.stem_table.size(1) * 4 / 1e6, []
-    for Bp in (2, 4) if tiny else (4, 8, 12):  # 12 x 1024: config/train_gpt2_small_stem.py's micro-batch
-        distinct, overlap = row_traffic(host_batches(16 if tiny else 64, Bp, 1024, GPT2_VOCAB, offset=3))
-        d, o, copy_ms = statistics.mean(distinct), statistics.mean(overlap[1:]), row_mb / pcie_gb_s
-        compute_ms = big.flops_per_token(1024) * Bp * 1024 / (peak_tflops * 1e12 * mfu_assumed) * 1e3
-        proj.append([f"{Bp} x 1024", d, o, d * row_mb, o * row_mb, d * copy_ms, (d + o) * copy_ms, compute_ms,
-                     "yes" if d * copy_ms < compute_ms else "no", (d + o) * copy_ms / compute_ms])
-    notes = [f"GPT-2-small STEM (rows of {row_mb * 1e6 / 1024:.0f} KiB) on {source()}; copies at {pcie_gb_s:g} GB/s; "
-             f"compute at {peak_tflops:g} TFLOP/s x {mfu_assumed:.0%} MFU; measured on a GPU by --what=gpu"]
-    return [res, result("offload_projection", "offload: projected copy time vs compute, GPT-2-small STEM on a GPU",
-                        ["batch", "distinct rows", "rows also in previous batch", "prefetch H2D MB", "re-copy H2D MB",
-                         "prefetch ms", "exposed ms (D2H + re-copy)", "compute ms", "prefetch hides?",
-                         "exposed/compute"], proj, notes)]
+    return result("offload", "offload: bytes per training step with the STEM table in host memory (measured)",
+                  ["model", "batch", "distinct rows/step", "H2D MB/step", "expected H2D MB", "H2D/expected",
+                   "D2H MB/step", "expected D2H MB"],
+                  [[f"{s['n_layer']} layers, n_embd {s['n_embd']}, vocab {vocab}", f"{B} x {T}",
+                    statistics.mean(distinct[:-1]), m["to_device"] / 1e6, m["expected_to_device"] / 1e6,
+                    m["to_device"] / m["expected_to_device"], m["to_host"] / 1e6, m["expected_to_host"] / 1e6]],
+                  [f"OffloadedRowAdamW's counters over {n_steps} steps on {source()}; expected H2D: each batch's "
+                   "distinct rows (the one drawn ahead too) + those the previous update changed after the prefetch"],
+                  m)
 
-def train_py(args, launcher=(sys.executable,), env=None):
-    """train.py run to its end: None, or the last line it printed when it failed."""
-    proc = subprocess.run([*launcher, "train.py", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, env=env)
+def train_py(args, launcher=(sys.executable, "train.py"), env=None):
+    """train.py (or what launcher names) run to its end: None, or the last line it printed when it failed."""
+    proc = subprocess.run([*launcher, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     return (proc.stdout.strip().splitlines() or ["failed"])[-1] if proc.returncode else None
 
 def read_log(out):
@@ -437,14 +401,13 @@ def bench_quality():
                 "stem_official": "--stem_weight_decay=0.1 --stem_clip=separate"}
     chosen = list(variants) if quality_variants == "all" else quality_variants.split(",")
     if set(chosen) - set(variants):
-        raise ConfigError(f"quality_variants: unknown {sorted(set(chosen) - set(variants))}; choose from {[*variants]}")
-    runs, rows = {}, []
+        raise ConfigError(f"quality_variants: unknown {sorted(set(chosen) - set(variants))}; one of {[*variants]}")
+    runs, rows, env = {}, [], dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
     for name in chosen:
         args = [quality_config, *variants[name].split(), f"--out_dir={quality_out}/{name}", f"--device={device}",
                 f"--dtype={dtype}", *quality_extra.split()]
         log("quality: train.py " + " ".join(args))
-        t0 = time.perf_counter()
-        error = train_py(args, env=dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None)
+        t0, error = time.perf_counter(), train_py(args, env=env)
         if error:
             runs[name] = {"error": error}
             rows.append([name, "failed: " + error] + [None] * 8)
@@ -458,23 +421,17 @@ def bench_quality():
         rows.append([name, val[-1][1], min(v for _, v in val), losses[-1][1], jump, at, model.num_params() / 1e6,
                      model.active_params_per_token() / 1e6, model.flops_per_token(cfg.block_size) / 1e6,
                      runs[name]["wall_s"]])
-    notes = [f"train.py {quality_config} {quality_extra} per variant, out_dir {quality_out}/<variant>; {machine()}, "
-             f"{dtype}; jump: the largest rise of the train loss between logged steps; wall includes start-up"]
+    notes = [f"train.py {quality_config} {quality_extra} per variant, out_dir {quality_out}/<variant>; jump: the "
+             "largest rise of the train loss between logged steps; wall includes start-up"]
     return result("quality", "quality: small models trained alike on Shakespeare",
                   ["variant", "val loss", "best val", "last train loss", "largest jump", "at step", "params (M)",
                    "active/token (M)", "MFLOPs/token", "wall s"], rows, notes, runs)
 
 def bench_prepare():
     """prepare.py's MB/s of text (read, parse, tokenize, write) against one tiktoken thread on the same text."""
-    docs = []  # Shakespeare's works cut into ~4 kB documents at blank lines (web documents run a few kB)
-    for path in sorted(prepare.shakespeare_dir().glob("*_gut.txt")):
-        doc = ""
-        for para in path.read_text(encoding="utf-8").split("\n\n"):
-            doc += para + "\n\n"
-            if len(doc) >= 4000:
-                docs.append(doc)
-                doc = ""
-        docs += [doc] if doc.strip() else []
+    # Shakespeare's works cut into documents of 4 kB or a little more, at blank lines (web documents run a few kB)
+    docs = [doc for path in sorted(prepare.shakespeare_dir().glob("*_gut.txt")) for doc in
+            re.findall(r".{3998,}?\n\n|.*\S.*", path.read_text(encoding="utf-8") + "\n\n", flags=re.S)]
     docs, copies = (docs[:250], 1) if tiny else (docs, 8)  # ~1 MB, or the works 8 times over: ~40 MB
     texts, enc, cores, cpu = docs * copies, prepare.load_tokenizer(), len(os.sched_getaffinity(0)), {}
     mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
@@ -492,7 +449,7 @@ def bench_prepare():
         load_after = os.getloadavg()
     one = medians["one tiktoken thread (documents in memory)"]
     rows = [[name, t, mb / t, one / t, statistics.median(cpu[name])] for name, t in medians.items()]
-    notes = [f"{machine()}; load average before {', '.join(f'{v:.1f}' for v in load_before)}, after "
+    notes = [f"load average before {', '.join(f'{v:.1f}' for v in load_before)}, after "
              f"{', '.join(f'{v:.1f}' for v in load_after)}; {len(texts):,} ~4 kB documents, {mb:.1f} MB, in {copies} "
              f".jsonl file(s); median of {n_reps(3)} rounds; CPU s: user + system of all processes"]
     return result("prepare", f"prepare: tokenizing throughput, {cores} workers against one tiktoken thread",
@@ -503,8 +460,7 @@ def shard_traffic(world, micro=40, B=12, T=1024):
     """Bytes the preset's step would exchange on `world` sharded ranks, from its real ids (as stem_shard.py counts):
     rows each micro-batch fetches from their owners, gradients of a step's distinct rows, 8 bytes an id asked."""
     from stem_shard import shard_bounds
-    cfg = train.configure([PRESET, f"--data_dir={os.path.dirname(data_dir)}", f"--dataset={os.path.basename(data_dir)}",
-                           "--device=cpu", f"--batch_size={B}", f"--block_size={T}",
+    cfg = train.configure([PRESET, *data_args(), "--device=cpu", f"--batch_size={B}", f"--block_size={T}",
                            f"--gradient_accumulation_steps={micro}"])
     row = len(range(1, cfg.n_layer)) * cfg.d_ff * 2  # a bf16 row of every STEM layer, the preset's table
     edges = torch.tensor(shard_bounds(cfg.vocab_size, world))
@@ -540,13 +496,12 @@ def torchrun(ranks):
 
 def bench_shard():
     """FSDP2 + sharded tables against one process: train.py on 1-3 gloo ranks, a run handed 2 -> 3 -> 1 ranks;
-    each rank's peak RSS, the checkpoint on disk, its save and resume; then the preset's traffic."""
-    steps, t0, logs, env = 4 if tiny else 20, time.perf_counter(), {}, {**os.environ, "OMP_NUM_THREADS": "1"}
-    data = [f"--data_dir={os.path.dirname(data_dir)}", f"--dataset={os.path.basename(data_dir)}"]
+    each rank's peak RSS and the checkpoint on disk; then the bytes the preset's step would exchange."""
+    steps, logs = 4 if tiny else 20, {}
     tiny_args = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--d_ff=64", "--block_size=32", "--batch_size=4",
                  "--gradient_accumulation_steps=6", f"--eval_interval={steps // 4}", "--eval_iters=2",
                  "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=20", "--vocab_size=50305",
-                 "--stem_weight_decay=1.0", "--device=cpu", "--dtype=float32", *data]
+                 "--stem_weight_decay=1.0", "--device=cpu", "--dtype=float32", *data_args()]
     os.makedirs(shard_out, exist_ok=True)
     wrapper = os.path.join(shard_out, "peak_rss.py")
     with open(wrapper, "w") as f:
@@ -560,9 +515,9 @@ def bench_shard():
         logs[name] = os.path.join(shard_out, name.replace(" ", "_").replace(",", "").replace(">", ""))
         args = [*tiny_args, *args, f"--max_iters={until}", f"--out_dir={logs[name]}"]
         log(f"shard: {' '.join(torchrun(ranks)[1:])} train.py {' '.join(args)}")
-        proc = subprocess.run([*torchrun(ranks), wrapper, *args], capture_output=True, text=True, env=env)
-        if proc.returncode:
-            raise RuntimeError(f"train.py for '{name}' failed: {(proc.stdout + proc.stderr).strip()[-500:]}")
+        error = train_py(args, [*torchrun(ranks), wrapper], env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if error:
+            raise RuntimeError(f"train.py for '{name}' failed: {error}")
     (loss1, eval1), rows = curves(read_log(logs["1 process"])), []
     ref = checkpoint.load(logs["1 process"])["model"]
     for name, out in logs.items():
@@ -578,101 +533,24 @@ def bench_shard():
     res = result("shard", "shard: train.py with FSDP2 and the STEM table split over processes, against one process",
                  ["run", "steps", "max |loss diff|", "max |val loss diff|", "max |weight diff| at the end",
                   "peak RSS per rank, MB", "checkpoint on disk, MB"], rows,
-                 [f"{machine()}; train.py {' '.join(tiny_args)} (gloo, the same global batch of 6 micro-batches); "
-                  f"2 ranks with the table sharded and replicated log the same numbers: {same[0] == same[1]}; "
-                  f"{time.perf_counter() - t0:.0f} s"], {"same_as_replicated": same[0] == same[1]})
-    probes = []
-    vocab = 32768 if tiny else 262144
-    for ranks in (1, 2, 3):  # a 262,144 x 128 fp32 table with full moments: 384 MB in all
-        args = ["--device=cpu", "--dtype=float32", f"--vocab_size={vocab}", "--n_layer=2", "--stem_layers=[1]",
-                "--n_head=1", "--n_embd=16", "--d_ff=128", "--batch_size=2", "--block_size=16",
-                "--gradient_accumulation_steps=6", f"--stem_shard={ranks > 1}",
-                f"--out_dir={os.path.join(shard_out, f'probe_{ranks}')}"]
-        proc = subprocess.run([*torchrun(ranks), "memory_plan.py", *args], capture_output=True, text=True, env=env)
-        if proc.returncode:
-            raise RuntimeError(f"the checkpoint probe on {ranks} ranks failed: {proc.stderr.strip()[-500:]}")
-        for r in sorted((jsonlib.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")),
-                        key=lambda r: r["rank"]):
-            probes.append([f"{ranks} rank(s)", r["rank"], r["table_and_state"] / 2**20, r["steady"] / 2**20,
-                           r["save"] / 2**20, r["save_s"], r["resume"] / 2**20, r["resume_s"], r["plan"][1] / 2**20])
-    costs = result("shard_checkpoint", f"shard: a checkpoint of a {vocab:,} x 128 fp32 table (full moments), per rank",
-                   ["processes", "rank", "table + state, MB", "steady RSS, MB", "save adds, MB", "save s",
-                    "resume adds, MB", "resume s", "plan: resume adds, MB"], probes,
-                   [f"{machine()}; memory_plan.py's measure(): one step, then checkpoint.save_training and "
-                    "resume_training, each with the rise of the process's peak RSS (VmHWM reset before it)"])
-    traffic = [shard_traffic(w, micro=8 if tiny else 40, B=2 if tiny else 12) for w in (2, 8)]
-    return [res, costs, result("shard_traffic", "shard: bytes the GPT-2-small preset's step exchanges (computed)",
-                               ["ranks", "micro-batches a rank", "distinct ids a micro-batch", "rows sent, GB a step",
-                                "the busiest owner serves, GB", "gradients sent, GB a step", "ids sent, MB a step"],
-                               traffic, [f"the preset's step 0 (40 x 12 x 1024 tokens of {data_dir}'s train split); "
-                                         "a row: 11 STEM layers x 2048 bf16; owners hold contiguous blocks (rank 0 "
-                                         "the frequent tokens)"])]
+                 [f"train.py {' '.join(tiny_args)} (gloo, the same global batch of 6 micro-batches); "
+                  f"2 ranks with the table sharded and replicated log the same numbers: {same[0] == same[1]}"],
+                 {"same_as_replicated": same[0] == same[1]})
+    traffic = result("shard_traffic", "shard: bytes the GPT-2-small preset's step exchanges (computed)",
+                     ["ranks", "micro-batches a rank", "distinct ids a micro-batch", "rows sent, GB a step",
+                      "the busiest owner serves, GB", "gradients sent, GB a step", "ids sent, MB a step"],
+                     [shard_traffic(w, micro=8 if tiny else 40, B=2 if tiny else 12) for w in (2, 8)],
+                     [f"the preset's step 0 (40 x 12 x 1024 tokens of {data_dir}'s train split); a row: 11 STEM "
+                      "layers x 2048 bf16; owners hold contiguous blocks (rank 0 the frequent tokens)"])
+    return [res, traffic]
 
-def gpu_parity():
-    """model.STEM forward + backward, Triton vs torch and Triton vs itself; reads a strided column block, as GPT."""
-    d, f, B, T, vocab = (64, 128, 2, 64, 1024) if tiny else (768, 2048, 8, 1024, GPT2_VOCAB)
-    with torch.device(device):
-        layer = STEM(GPTConfig(vocab_size=vocab, n_layer=1, n_head=max(1, d // 64), n_embd=d, d_ff=f), 1)
-        table, x, grad_y = torch.randn(vocab, 2 * f) * (2 / (vocab + f)) ** 0.5, *torch.randn(2, B, T, d)
-    ids, inverse = torch.unique(host_batches(1, B, T, vocab)[0][0].to(device), return_inverse=True)
-    def run(fused, amp, table_dtype):
-        rows, xx = table[ids].to(table_dtype).requires_grad_(True), x.clone().requires_grad_(True)
-        layer.zero_grad(set_to_none=True)
-        with autocast(amp):
-            y = layer(xx, layer_rows(rows, inverse, ids, f, fused))
-        y.backward(grad_y.to(y.dtype))
-        sync()
-        return {"output": y, "grad x": xx.grad, "grad rows": rows.grad, "grad w_gate": layer.w_gate.weight.grad,
-                "grad w_down": layer.w_down.weight.grad}
-    rows = []
-    for name, amp, table_dtype, tol in (("fp32", False, torch.float32, 1e-4),
-                                        ("fp32 table, bf16 autocast", True, torch.float32, 2e-2),
-                                        ("bf16 table, bf16 autocast", True, torch.bfloat16, 2e-2)):
-        ref, tri, again = (run(fused, amp, table_dtype) for fused in (False, True, True))
-        for k in ref:
-            err = (tri[k].float() - ref[k].float()).abs().max().item() / max(ref[k].float().abs().max().item(), 1e-30)
-            rows.append([name, k, err, tol, err <= tol, torch.equal(tri[k], again[k])])
-    return result("gpu_parity", "gpu: Triton vs torch STEM layer, forward and backward",
-                  ["precision", "tensor", "relative error", "tolerance", "within", "bit-identical rerun"], rows,
-                  [f"{machine()}; d_model {d}, d_ff {f}, {B} x {T} ids of {source()}; error = max |Triton - torch| / "
-                   f"max |torch|; rerun: a second Triton run equals the first exactly (no atomics in the backward)"])
-
-def gpu_kernel():
-    """The Triton op alone (and torch's forward): bandwidth against a copy timed in the same rounds; the plan apart."""
-    f, B, T, vocab, n_stem = (128, 2, 64, 1024, 2) if tiny else (2048, 8, 1024, GPT2_VOCAB, 11)
-    inverse = torch.unique(host_batches(1, B, T, vocab)[0][0].to(device), return_inverse=True)[1].flatten()
-    R, copy = int(inverse.max()) + 1, "copy (device to device)"
-    plan, big = stem_ops.backward_plan(inverse, R), torch.empty(2 ** (22 if tiny else 28), device=device)  # 1 GiB
-    copy_to, out, raw = torch.empty_like(big), [], {}
-    for rows_dtype, gdt in ((torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
-                            (torch.float32, torch.float32)):
-        rows = torch.randn(R, n_stem * f, device=device, dtype=rows_dtype)[:, :f]  # one layer's column block
-        gate, grad_h = torch.randn(2, B * T, f, device=device, dtype=gdt)
-        fns = {copy: lambda: copy_to.copy_(big),
-               "triton forward": lambda: stem_ops.silu_mul_rows(gate, rows, inverse, plan),
-               "triton backward": lambda: stem_ops.silu_mul_rows_backward(grad_h, gate, rows, inverse, plan),
-               "backward plan (once per forward)": lambda: stem_ops.backward_plan(inverse, R),
-               "torch forward": lambda: F.silu(gate) * F.embedding(inverse, rows).to(gdt)}
-        g, r = gate.numel() * gate.element_size(), R * f * rows.element_size()  # all positions, each row once
-        moved = {copy: 2 * big.numel() * 4, "triton forward": 2 * g + r, "triton backward": 3 * g + 2 * r,
-                 "torch forward": 2 * g + r}
-        with torch.no_grad():
-            medians = time_round_robin(fns, n_reps(5))[0]
-        copy_bw, case = moved[copy] / medians[copy], f"{str(rows_dtype)[6:]} rows, {str(gdt)[6:]} gate"
-        out += [[case, k, t * 1e3] + ([moved[k] / 1e6, moved[k] / t / 1e9, moved[k] / t / copy_bw] if k in moved else
-                                      [None] * 3) for k, t in medians.items()]
-        raw[case] = {"copy_GB_s": copy_bw / 1e9, "ms": {k: v * 1e3 for k, v in medians.items()}}
-    notes = [f"{machine()}; gate [{B * T}, {f}], {R} distinct rows of {source()} (a block of [{R}, {n_stem * f}]); "
-             f"median of {n_reps(5)} rounds; bytes: gate (+ grads) and each distinct row (+ its gradient) once"]
-    return result("gpu_kernel", "gpu: silu_mul_rows time and effective bandwidth", ["case", "operation", "ms",
-                  "MB moved", "GB/s", "fraction of copy"], out, notes, raw)
-
-def gpu_train(deadline):
-    """Compiled GPT-2-small steps, one variant at a time (its peak memory its own); a failure does not stop the rest."""
-    preset = train.configure([PRESET])
+def bench_gpu():
+    """The GPU check: compiled GPT-2-small steps, one variant at a time, none started past gpu_budget_s; each STEM
+    variant's losses against the Triton run's (same weights and batches), the kernel's check on a real GPU."""
+    deadline, preset = time.perf_counter() + gpu_budget_s, train.configure([PRESET])
     table = {k: getattr(preset, k) for k in ("stem_dtype", "stem_state", "stem_weight_decay", "stem_clip")}
     common = {**model_settings("stem", 1024 if tiny else GPT2_VOCAB, "step"), "compile": on_gpu(), "dtype": "bfloat16"}
-    B, T, info, rows, run = common["batch_size"], common["block_size"], {}, [], None
+    info = {}
     for name, extra in (("stem, triton", {**table, "stem_kernel": "triton" if on_gpu() else "torch"}),
                         ("stem, torch path", {**table, "stem_kernel": "torch"}), ("swiglu", {"ffn": "swiglu"}),
                         ("stem offloaded", {**table, "stem_offload": True}),
@@ -681,67 +559,93 @@ def gpu_train(deadline):
         if time.perf_counter() > deadline:
             info[name] = {"error": f"skipped: past the {gpu_budget_s:g} s budget (gpu_budget_s)"}
             continue
-        log(f"gpu train: {name}")
-        run = None
-        free_memory()
+        log(f"gpu: {name}")
+        free_memory()  # each variant's peak memory its own
         try:
-            run = trainer({**common, **extra}, 8, offset=4)
-            info[name] = {"losses": run.losses}
-            run.losses += [run.step()[0] for _ in range(max(0, 3 - warmup))]  # compile, recompile, steady
-            ms = time_round_robin({name: lambda: run.losses.append(run.step()[0])}, n_reps(3, 10))[0][name] * 1e3
-            run.rows_opt.close() if run.rows_opt is not None else None  # raises a failed host job
-            info[name].update(ms=ms, tokens_per_s=B * T / ms * 1e3, mfu=run.model.estimate_mfu(B * T / ms * 1e3, device,
-                              seq_len=T), peak_gb=torch.cuda.max_memory_allocated(device) / 1e9 if on_gpu() else None,
-                              gflop_per_token=run.model.flops_per_token(T) / 1e9)
-        except Exception as e:
-            info[name] = {**info.get(name, {}), "error": one_line(e)}
-            log(f"gpu train: {name} failed:\n{traceback.format_exc()}")
-            if getattr(run, "rows_opt", None) is not None:
-                with contextlib.suppress(Exception):  # its error is the one recorded
-                    run.rows_opt.close()
-    run = None
+            r = time_steps({name: {**common, **extra}}, warm=max(0, 3 - warmup))[name]
+            info[name] = {**r, "peak_gb": torch.cuda.max_memory_allocated(device) / 1e9 if on_gpu() else None}
+        except Exception as e:  # recorded, and the next variant runs
+            log(f"gpu: {name} failed:\n{traceback.format_exc()}")
+            info[name] = {"error": one_line(e)}
     free_memory()
+    ref, rows = info["stem, triton"].get("losses"), []
     for name, r in info.items():
-        rows.append([name, "failed: " + r["error"]] + [None] * 5 if "error" in r else
-                    [name, r["ms"], r["tokens_per_s"], None if r["mfu"] is None else f"{r['mfu']:.1%}", r["peak_gb"],
-                     ratio(r["ms"], info["swiglu"].get("ms")), r["gflop_per_token"]])
-    out = [result("gpu_train", "gpu: GPT-2-small training step, compiled", ["variant", "ms/step", "tokens/s", "MFU",
-                  "peak GB", "ratio to SwiGLU", "GFLOP/token"], rows,
-                  [f"{machine()}; {shape(common)}; bfloat16, torch.compile; STEM tables as the preset: {table}; median "
-                   f"of {n_reps(3, 10)} steps after {max(warmup, 3)} warm-up; peak GB: the variant's own"], info)]
-    triton = info["stem, triton"]
-    for other in ("stem, torch path", "stem offloaded", "stem, dense offload"):
-        if "ms" in triton and "ms" in info[other]:
-            diff = [abs(x - y) for x, y in zip(triton["losses"], info[other]["losses"])]
-            out.append(result(f"gpu_vs_{other.split()[-1]}", f"gpu: {other} vs stem, triton: step time and losses",
-                              ["steps", "time ratio", "peak GB ratio", "max abs loss difference",
-                               "bit-identical losses", "first loss", "last loss"],
-                              [[len(diff), info[other]["ms"] / triton["ms"],
-                                ratio(info[other]["peak_gb"], triton["peak_gb"]), max(diff), sum(x == 0 for x in diff), triton["losses"][0], triton["losses"][-1]]],
-                              ["same weights and batches; offloaded: the row AdamW runs on the host; torch path: "
-                               "F.silu(gate) * F.embedding(t, E) compiled by Inductor instead of the Triton op; dense "
-                               "offload: FSDP2's CPUOffloadPolicy, AdamW on the host"]))
-    return out
-
-def bench_gpu():
-    """The GPU check: each part's results yielded (printed, saved) as it ends; none starts past gpu_budget_s."""
-    deadline = time.perf_counter() + gpu_budget_s
-    for name, part in (("parity", gpu_parity), ("kernel", gpu_kernel), ("train", lambda: gpu_train(deadline))):
-        if time.perf_counter() > deadline:
-            yield result(f"gpu_{name}", f"gpu: {name}: skipped", ["error"], [[f"past the {gpu_budget_s:g} s budget"]])
+        if "error" in r:
+            rows.append([name, "failed: " + r["error"]] + [None] * 8)
             continue
-        t0 = time.perf_counter()
-        try:
-            out = part()
-        except Exception as e:
-            log(f"gpu {name} failed:\n{traceback.format_exc()}")
-            out = result(f"gpu_{name}", f"gpu: {name}: failed", ["error"], [[one_line(e)]])
-        for res in out if isinstance(out, list) else [out]:
-            yield {**res, "seconds": time.perf_counter() - t0}
+        diff = [abs(x - y) for x, y in zip(ref, r["losses"])] if ref and name.startswith("stem") else None
+        rows.append([name, r["ms"], r["tokens_per_s"], None if r["mfu"] is None else f"{r['mfu']:.1%}", r["peak_gb"],
+                     ratio(r["ms"], info["swiglu"].get("ms")), r["flops_per_token"] / 1e9, r["losses"][-1],
+                     max(diff) if diff else None, f"{diff.count(0)} of {len(diff)}" if diff else None])
+    return result("gpu_train", "gpu: GPT-2-small training step, compiled", ["variant", "ms/step", "tokens/s", "MFU",
+                  "peak GB", "ratio to SwiGLU", "GFLOP/token", "last loss", "max loss diff to stem, triton",
+                  "identical losses"], rows,
+                  [f"{shape(common)}; torch.compile; STEM tables as the preset: {table}; median of {n_reps(3, 10)} "
+                   f"steps after {max(warmup, 3)} warm-up; peak GB: the variant's own; loss diffs: same weights and "
+                   "batches as stem, triton; torch path: F.silu(gate) * F.embedding(t, E) compiled by Inductor; "
+                   "offloaded: the row AdamW on the host; dense offload: FSDP2's CPUOffloadPolicy, AdamW on the host"],
+                  info)
+
+def save_figure(fig, name):  # a temp name, then rename: a failed draw leaves the PNG that was there
+    for ax in fig.axes:
+        ax.legend()
+        ax.grid(alpha=0.3)
+    path = os.path.join(figures_dir, name)
+    os.makedirs(figures_dir, exist_ok=True)
+    fig.savefig(path + ".tmp", format="png", dpi=110, bbox_inches="tight")
+    os.replace(path + ".tmp", path)
+    return path
+
+def bench_figures():
+    """quality_curves.png: validation loss by step of the quality runs (their log.jsonl); loss_by_position.png:
+    eval.py's loss by position in the window, and the STEM table parameters read so far (its eval.json)."""
+    try:  # optional: only this imports it
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError("--what=figures draws with matplotlib, which is not installed: pip install matplotlib") \
+            from None
+    plt.switch_backend("agg")  # files only, no window
+    ffns, seeds, rows = ("swiglu", "stem", "moe"), figures_seeds.split(","), []
+    train_cmd = (f"python bench.py --what=quality --quality_variants={','.join(ffns)} --quality_out={quality_out}_s"
+                 "{seed} --quality_extra=\"--seed={seed}\"")
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for seed, style in zip(seeds, ("-", "--", ":", "-.")):
+        for ffn, color in zip(ffns, ("C0", "C1", "C2")):
+            out = f"{quality_out}_s{seed}/{ffn}"
+            if not os.path.exists(f"{out}/log.jsonl"):  # one line naming the command that makes it
+                raise ConfigError(f"no {out}/log.jsonl: make it with `{train_cmd.format(seed=seed)}`")
+            val = [*curves(read_log(out))][1]
+            ax.plot(list(val), list(val.values()), style, color=color, marker="o", label=f"{ffn}, seed {seed}")
+            rows.append([ffn, int(seed), f"step {max(val)}", val[max(val)], None])
+    ax.set(xlabel="training step", ylabel="validation loss (nats/token)", ylim=(None, min(ax.get_ylim()[1], 8)))
+    ax.set_title(f"Validation loss, {quality_config} on Shakespeare, trained by\n{train_cmd}", fontsize=9)
+    paths = [save_figure(fig, "quality_curves.png")]
+    fig, (ax, below) = plt.subplots(2, 1, sharex=True, figsize=(9, 7), height_ratios=(2, 1))
+    eval_cmd = "python eval.py --out_dir={} --parts=position --max_tokens=0"
+    for ffn, color in zip(ffns, ("C0", "C1", "C2")):
+        out = f"{quality_out}_s{seeds[0]}/{ffn}"
+        res = jsonlib.load(open(f"{out}/eval.json")) if os.path.exists(f"{out}/eval.json") else {}
+        if "position" not in res:
+            raise ConfigError(f"no loss by position in {out}/eval.json: make it with `{eval_cmd.format(out)}`")
+        pos, at = res["position"], [(p["start"] + p["end"]) / 2 for p in res["position"]]
+        ax.plot(at, [p["loss"] for p in pos], color=color, marker="o", label=ffn)
+        if ffn == "stem":  # the rows of the distinct tokens so far: what a sequence has read of the table
+            below.plot(at, [p["stem_params"] for p in pos], color=color, marker="o", label=ffn)
+        rows += [[ffn, int(seeds[0]), f"positions {p['start']}-{p['end']}", p["loss"], p["stem_params"]]
+                 for p in (pos[0], pos[-1])]
+    ax.set(ylabel="validation loss (nats/token)")
+    ax.set_title(f"Loss by position in the window, {res['data']} val split ({res['val_tokens']:,} tokens), seed "
+                 f"{seeds[0]}'s runs, from\n{eval_cmd.format(f'{quality_out}_s{seeds[0]}/<ffn>')}", fontsize=9)
+    below.set(xlabel="position in the window (middle of each bucket)", ylabel="STEM table params read so far")
+    below.yaxis.set_major_formatter("{x:,.0f}")
+    paths.append(save_figure(fig, "loss_by_position.png"))
+    plt.close("all")
+    return result("figures", "figures: the numbers drawn", ["FFN", "seed", "at", "val loss", "STEM params read"],
+                  rows, [f"wrote {', '.join(paths)}"])
 
 BENCHES = {"ffn": bench_ffn, "step": bench_step, "vocab": bench_vocab, "gather": bench_gather,
            "sample": bench_sample, "capacity": bench_capacity, "offload": bench_offload, "prepare": bench_prepare,
-           "shard": bench_shard, "quality": bench_quality, "gpu": bench_gpu}
+           "shard": bench_shard, "quality": bench_quality, "gpu": bench_gpu, "figures": bench_figures}
 
 def parse_settings(argv):
     settings, _ = configurator.parse(argv, DEFAULTS, {}, __file__, __doc__)
@@ -770,9 +674,9 @@ def save_json(results):
 def main(argv):
     apply(parse_settings(argv))
     results, t_start = {}, time.perf_counter()
-    for name in [w for w in BENCHES if w not in ("shard", "quality", "gpu")] if what == "all" else [what]:
+    for name in [w for w in BENCHES if w not in ("shard", "quality", "gpu", "figures")] if what == "all" else [what]:
         t0, out = time.perf_counter(), BENCHES[name]()
-        for res in out if isinstance(out, (list, GeneratorType)) else [out]:  # gpu yields part by part
+        for res in out if isinstance(out, list) else [out]:
             results[res["name"]] = {**res, "seconds": res.get("seconds", time.perf_counter() - t0)}
             print_result(res)
             if json:
