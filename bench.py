@@ -616,8 +616,9 @@ def bench_figures():
                 raise ConfigError(f"no {out}/log.jsonl: make it with `{train_cmd.format(seed=seed)}`")
             val = [*curves(read_log(out))][1]
             ax.plot(list(val), list(val.values()), style, color=color, marker="o", label=f"{ffn}, seed {seed}")
-            rows.append([ffn, int(seed), f"step {max(val)}", val[max(val)], None])
-    ax.set(xlabel="training step", ylabel="validation loss (nats/token)", ylim=(None, min(ax.get_ylim()[1], 8)))
+            rows.append([ffn, seed, f"step {max(val)}", val[max(val)], None])
+    ax.set(xlabel="training step", ylabel="validation loss, nats/token (axis cut at 8)",
+           ylim=(None, min(ax.get_ylim()[1], 8)))
     ax.set_title(f"Validation loss, {quality_config} on Shakespeare, trained by\n{train_cmd}", fontsize=9)
     paths = [save_figure(fig, "quality_curves.png")]
     fig, (ax, below) = plt.subplots(2, 1, sharex=True, figsize=(9, 7), height_ratios=(2, 1))
@@ -631,7 +632,7 @@ def bench_figures():
         ax.plot(at, [p["loss"] for p in pos], color=color, marker="o", label=ffn)
         if ffn == "stem":  # the rows of the distinct tokens so far: what a sequence has read of the table
             below.plot(at, [p["stem_params"] for p in pos], color=color, marker="o", label=ffn)
-        rows += [[ffn, int(seeds[0]), f"positions {p['start']}-{p['end']}", p["loss"], p["stem_params"]]
+        rows += [[ffn, seeds[0], f"positions {p['start']}-{p['end']}", p["loss"], p["stem_params"]]
                  for p in (pos[0], pos[-1])]
     ax.set(ylabel="validation loss (nats/token)")
     ax.set_title(f"Loss by position in the window, {res['data']} val split ({res['val_tokens']:,} tokens), seed "

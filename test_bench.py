@@ -193,10 +193,10 @@ def test_figures_from_the_runs_logs(tmp_path, capsys):
     res = run(tmp_path, capsys, "--what=figures", *figure_inputs(tmp_path))["figures"]
     rows = {(r[0], r[1], r[2]): r[3:] for r in res["rows"]}
     for (ffn, base), (seed, shift) in itertools.product((("swiglu", 7.0), ("stem", 6.5), ("moe", 6.8)),
-                                                        ((7, 0.0), (8, 0.1))):
+                                                        (("7", 0.0), ("8", 0.1))):
         assert rows[ffn, seed, "step 100"] == [pytest.approx(base + shift), None]
-    assert rows["stem", 7, "positions 0-15"] == [7.5, 2560] and rows["stem", 7, "positions 32-47"] == [6.0, 7680]
-    assert rows["moe", 7, "positions 32-47"] == [pytest.approx(6.3), 0]
+    assert rows["stem", "7", "positions 0-15"] == [7.5, 2560] and rows["stem", "7", "positions 32-47"] == [6.0, 7680]
+    assert rows["moe", "7", "positions 32-47"] == [pytest.approx(6.3), 0]
     for name in ("quality_curves.png", "loss_by_position.png"):
         png = (tmp_path / "docs" / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
