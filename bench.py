@@ -1,7 +1,7 @@
 """
 Benchmarks for stem-gpt: what STEM costs and saves next to SwiGLU and MoE, as markdown tables and --json=FILE.
-`python bench.py` runs all but shard, quality, gpu and figures; --what=NAME one of them; --tiny=True toy sizes
-everywhere; --what=gpu is the GPU check (<= 10 min on one H100); --what=figures draws docs/*.png (needs matplotlib).
+`python bench.py` runs all but shard, quality and gpu; --what=NAME one of them; --tiny=True toy sizes everywhere;
+--what=gpu is the GPU check (<= 10 min on one H100). figures.py draws docs/*.png from the quality runs.
 Timing: `warmup` untimed rounds, then `reps` rounds in which the variants take turns (round-robin, the first one
 rotating), so a busy machine's slow phases fall on all alike; a figure is the median of its rounds: compare ratios
 within one run, not times across runs.
@@ -24,7 +24,7 @@ import tempfile
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
-from types import SimpleNamespace
+from types import GeneratorType, SimpleNamespace
 
 # Transparent huge pages, so each step's big temporaries (logits, their gradient) are not page-faulted in anew
 # (measured: 26x the faults, +16% step time). torch reads it once: set before its import; the user's value wins.
@@ -32,6 +32,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import checkpoint
 import configurator
@@ -44,7 +45,7 @@ from model import GPT, GPTConfig, MoE, STEM, StemRows, SwiGLU
 
 # ----------------------------------------------------------------------------------------------------------
 # settings (config/*.py files and --key=value, see configurator.py; python bench.py --help lists them)
-what = "all"  # all, or one of: ffn step vocab gather sample capacity offload prepare shard quality gpu figures
+what = "all"  # all (all but shard, quality, gpu) or one of: ffn step vocab gather sample capacity offload prepare shard quality gpu
 device = "cuda" if torch.cuda.is_available() else "cpu"  # where ffn..offload run; gpu always uses cuda
 dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"  # or "float32"
 reps = 0  # timed rounds per measurement; 0: each one's own default (fewer where a call takes seconds)
@@ -59,8 +60,6 @@ quality_out = "out/quality"  # quality: each variant trains in quality_out/<vari
 quality_extra = ""  # quality: more train.py settings for every variant, e.g. "--seed=1338" (space separated)
 shard_out = "out/shard"  # shard: each run of the comparison trains in shard_out/<run>
 quality_variants = "swiglu,stem,moe,stem_half"  # quality: which to train, comma separated, or "all" (adds bf16 ...)
-figures_seeds = "1337,1338"  # figures: the quality runs of swiglu,stem,moe in <quality_out>_s<seed>, one a seed
-figures_dir = "docs"  # figures: where the PNGs go
 gpu_budget_s = 480.0  # gpu: the training variants not started within this many seconds are skipped
 DEFAULTS = configurator.defaults_of(globals())
 GPT2_VOCAB = 50304
@@ -153,6 +152,11 @@ def print_result(res):
 def machine():
     return f"{torch.cuda.get_device_name(device)}, {dtype}" if on_gpu() else f"CPU, {dtype}, " \
         f"{torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+
+def layer_rows(rows, inverse, ids, width, fused):
+    """The StemRows a lone STEM layer reads, as GPT.forward builds them: column blocks of width, the plan."""
+    plan = stem_ops.backward_plan(inverse, rows.size(0)) if fused else ()
+    return StemRows(rows, inverse, ids, layers=rows.split(width, dim=1), fused=fused, plan=tuple(plan))
 
 def free_memory():  # drop compiled graphs and cycles, so the next peak-memory reading is its own
     torch._dynamo.reset()
@@ -544,10 +548,69 @@ def bench_shard():
                       "layers x 2048 bf16; owners hold contiguous blocks (rank 0 the frequent tokens)"])
     return [res, traffic]
 
-def bench_gpu():
-    """The GPU check: compiled GPT-2-small steps, one variant at a time, none started past gpu_budget_s; each STEM
-    variant's losses against the Triton run's (same weights and batches), the kernel's check on a real GPU."""
-    deadline, preset = time.perf_counter() + gpu_budget_s, train.configure([PRESET])
+def gpu_parity():
+    """model.STEM forward + backward, Triton vs torch and Triton vs itself; reads a strided column block, as GPT."""
+    d, f, B, T, vocab = (64, 128, 2, 64, 1024) if tiny else (768, 2048, 8, 1024, GPT2_VOCAB)
+    with torch.device(device):
+        layer = STEM(GPTConfig(vocab_size=vocab, n_layer=1, n_head=max(1, d // 64), n_embd=d, d_ff=f), 1)
+        table, x, grad_y = torch.randn(vocab, 2 * f) * (2 / (vocab + f)) ** 0.5, *torch.randn(2, B, T, d)
+    ids, inverse = torch.unique(host_batches(1, B, T, vocab)[0][0].to(device), return_inverse=True)
+    def run(fused, amp, table_dtype):
+        rows, xx = table[ids].to(table_dtype).requires_grad_(True), x.clone().requires_grad_(True)
+        layer.zero_grad(set_to_none=True)
+        with autocast(amp):
+            y = layer(xx, layer_rows(rows, inverse, ids, f, fused))
+        y.backward(grad_y.to(y.dtype))
+        sync()
+        return {"output": y, "grad x": xx.grad, "grad rows": rows.grad, "grad w_gate": layer.w_gate.weight.grad,
+                "grad w_down": layer.w_down.weight.grad}
+    rows = []
+    for name, amp, table_dtype, tol in (("fp32", False, torch.float32, 1e-4),
+                                        ("fp32 table, bf16 autocast", True, torch.float32, 2e-2),
+                                        ("bf16 table, bf16 autocast", True, torch.bfloat16, 2e-2)):
+        ref, tri, again = (run(fused, amp, table_dtype) for fused in (False, True, True))
+        for k in ref:
+            err = (tri[k].float() - ref[k].float()).abs().max().item() / max(ref[k].float().abs().max().item(), 1e-30)
+            rows.append([name, k, err, tol, err <= tol, torch.equal(tri[k], again[k])])
+    return result("gpu_parity", "gpu: Triton vs torch STEM layer, forward and backward",
+                  ["precision", "tensor", "relative error", "tolerance", "within", "bit-identical rerun"], rows,
+                  [f"d_model {d}, d_ff {f}, {B} x {T} ids of {source()}; error = max |Triton - torch| / "
+                   f"max |torch|; rerun: a second Triton run equals the first exactly (no atomics in the backward)"])
+
+def gpu_kernel():
+    """The Triton op alone (and torch's forward): bandwidth against a copy timed in the same rounds; the plan apart."""
+    f, B, T, vocab, n_stem = (128, 2, 64, 1024, 2) if tiny else (2048, 8, 1024, GPT2_VOCAB, 11)
+    inverse = torch.unique(host_batches(1, B, T, vocab)[0][0].to(device), return_inverse=True)[1].flatten()
+    R, copy = int(inverse.max()) + 1, "copy (device to device)"
+    plan, big = stem_ops.backward_plan(inverse, R), torch.empty(2 ** (22 if tiny else 28), device=device)  # 1 GiB
+    copy_to, out, raw = torch.empty_like(big), [], {}
+    for rows_dtype, gdt in ((torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
+                            (torch.float32, torch.float32)):
+        rows = torch.randn(R, n_stem * f, device=device, dtype=rows_dtype)[:, :f]  # one layer's column block
+        gate, grad_h = torch.randn(2, B * T, f, device=device, dtype=gdt)
+        fns = {copy: lambda: copy_to.copy_(big),
+               "triton forward": lambda: stem_ops.silu_mul_rows(gate, rows, inverse, plan),
+               "triton backward": lambda: stem_ops.silu_mul_rows_backward(grad_h, gate, rows, inverse, plan),
+               "backward plan (once per forward)": lambda: stem_ops.backward_plan(inverse, R),
+               "torch forward": lambda: F.silu(gate) * F.embedding(inverse, rows).to(gdt)}
+        g, r = gate.numel() * gate.element_size(), R * f * rows.element_size()  # all positions, each row once
+        moved = {copy: 2 * big.numel() * 4, "triton forward": 2 * g + r, "triton backward": 3 * g + 2 * r,
+                 "torch forward": 2 * g + r}
+        with torch.no_grad():
+            medians = time_round_robin(fns, n_reps(5))[0]
+        copy_bw, case = moved[copy] / medians[copy], f"{str(rows_dtype)[6:]} rows, {str(gdt)[6:]} gate"
+        out += [[case, k, t * 1e3] + ([moved[k] / 1e6, moved[k] / t / 1e9, moved[k] / t / copy_bw] if k in moved else
+                                      [None] * 3) for k, t in medians.items()]
+        raw[case] = {"copy_GB_s": copy_bw / 1e9, "ms": {k: v * 1e3 for k, v in medians.items()}}
+    notes = [f"gate [{B * T}, {f}], {R} distinct rows of {source()} (a block of [{R}, {n_stem * f}]); "
+             f"median of {n_reps(5)} rounds; bytes: gate (+ grads) and each distinct row (+ its gradient) once"]
+    return result("gpu_kernel", "gpu: silu_mul_rows time and effective bandwidth", ["case", "operation", "ms",
+                  "MB moved", "GB/s", "fraction of copy"], out, notes, raw)
+
+def gpu_train(deadline):
+    """Compiled GPT-2-small steps, one variant at a time (its peak memory its own), none started past the deadline;
+    each STEM variant's losses against the Triton run's (same weights and batches)."""
+    preset = train.configure([PRESET])
     table = {k: getattr(preset, k) for k in ("stem_dtype", "stem_state", "stem_weight_decay", "stem_clip")}
     common = {**model_settings("stem", 1024 if tiny else GPT2_VOCAB, "step"), "compile": on_gpu(), "dtype": "bfloat16"}
     info = {}
@@ -586,67 +649,25 @@ def bench_gpu():
                    "offloaded: the row AdamW on the host; dense offload: FSDP2's CPUOffloadPolicy, AdamW on the host"],
                   info)
 
-def save_figure(fig, name):  # a temp name, then rename: a failed draw leaves the PNG that was there
-    for ax in fig.axes:
-        ax.legend()
-        ax.grid(alpha=0.3)
-    path = os.path.join(figures_dir, name)
-    os.makedirs(figures_dir, exist_ok=True)
-    fig.savefig(path + ".tmp", format="png", dpi=110, bbox_inches="tight")
-    os.replace(path + ".tmp", path)
-    return path
-
-def bench_figures():
-    """quality_curves.png: validation loss by step of the quality runs (their log.jsonl); loss_by_position.png:
-    eval.py's loss by position in the window, and the STEM table parameters read so far (its eval.json)."""
-    try:  # optional: only this imports it
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ConfigError("--what=figures draws with matplotlib, which is not installed: pip install matplotlib") \
-            from None
-    plt.switch_backend("agg")  # files only, no window
-    ffns, seeds, rows = ("swiglu", "stem", "moe"), figures_seeds.split(","), []
-    train_cmd = (f"python bench.py --what=quality --quality_variants={','.join(ffns)} --quality_out={quality_out}_s"
-                 "{seed} --quality_extra=\"--seed={seed}\"")
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    for seed, style in zip(seeds, ("-", "--", ":", "-.")):
-        for ffn, color in zip(ffns, ("C0", "C1", "C2")):
-            out = f"{quality_out}_s{seed}/{ffn}"
-            if not os.path.exists(f"{out}/log.jsonl"):  # one line naming the command that makes it
-                raise ConfigError(f"no {out}/log.jsonl: make it with `{train_cmd.format(seed=seed)}`")
-            val = [*curves(read_log(out))][1]
-            ax.plot(list(val), list(val.values()), style, color=color, marker="o", label=f"{ffn}, seed {seed}")
-            rows.append([ffn, seed, f"step {max(val)}", val[max(val)], None])
-    ax.set(xlabel="training step", ylabel="validation loss, nats/token (axis cut at 8)",
-           ylim=(None, min(ax.get_ylim()[1], 8)))
-    ax.set_title(f"Validation loss, {quality_config} on Shakespeare, trained by\n{train_cmd}", fontsize=9)
-    paths = [save_figure(fig, "quality_curves.png")]
-    fig, (ax, below) = plt.subplots(2, 1, sharex=True, figsize=(9, 7), height_ratios=(2, 1))
-    eval_cmd = "python eval.py --out_dir={} --parts=position --max_tokens=0"
-    for ffn, color in zip(ffns, ("C0", "C1", "C2")):
-        out = f"{quality_out}_s{seeds[0]}/{ffn}"
-        res = jsonlib.load(open(f"{out}/eval.json")) if os.path.exists(f"{out}/eval.json") else {}
-        if "position" not in res:
-            raise ConfigError(f"no loss by position in {out}/eval.json: make it with `{eval_cmd.format(out)}`")
-        pos, at = res["position"], [(p["start"] + p["end"]) / 2 for p in res["position"]]
-        ax.plot(at, [p["loss"] for p in pos], color=color, marker="o", label=ffn)
-        if ffn == "stem":  # the rows of the distinct tokens so far: what a sequence has read of the table
-            below.plot(at, [p["stem_params"] for p in pos], color=color, marker="o", label=ffn)
-        rows += [[ffn, seeds[0], f"positions {p['start']}-{p['end']}", p["loss"], p["stem_params"]]
-                 for p in (pos[0], pos[-1])]
-    ax.set(ylabel="validation loss (nats/token)")
-    ax.set_title(f"Loss by position in the window, {res['data']} val split ({res['val_tokens']:,} tokens), seed "
-                 f"{seeds[0]}'s runs, from\n{eval_cmd.format(f'{quality_out}_s{seeds[0]}/<ffn>')}", fontsize=9)
-    below.set(xlabel="position in the window (middle of each bucket)", ylabel="STEM table params read so far")
-    below.yaxis.set_major_formatter("{x:,.0f}")
-    paths.append(save_figure(fig, "loss_by_position.png"))
-    plt.close("all")
-    return result("figures", "figures: the numbers drawn", ["FFN", "seed", "at", "val loss", "STEM params read"],
-                  rows, [f"wrote {', '.join(paths)}"])
+def bench_gpu():
+    """The GPU check: each part's results yielded (printed, saved) as it ends; none starts past gpu_budget_s."""
+    deadline = time.perf_counter() + gpu_budget_s
+    for name, part in (("parity", gpu_parity), ("kernel", gpu_kernel), ("train", lambda: gpu_train(deadline))):
+        if time.perf_counter() > deadline:
+            yield result(f"gpu_{name}", f"gpu: {name}: skipped", ["error"], [[f"past the {gpu_budget_s:g} s budget"]])
+            continue
+        t0 = time.perf_counter()
+        try:
+            out = part()
+        except Exception as e:
+            log(f"gpu {name} failed:\n{traceback.format_exc()}")
+            out = result(f"gpu_{name}", f"gpu: {name}: failed", ["error"], [[one_line(e)]])
+        for res in out if isinstance(out, list) else [out]:
+            yield {**res, "seconds": time.perf_counter() - t0}
 
 BENCHES = {"ffn": bench_ffn, "step": bench_step, "vocab": bench_vocab, "gather": bench_gather,
            "sample": bench_sample, "capacity": bench_capacity, "offload": bench_offload, "prepare": bench_prepare,
-           "shard": bench_shard, "quality": bench_quality, "gpu": bench_gpu, "figures": bench_figures}
+           "shard": bench_shard, "quality": bench_quality, "gpu": bench_gpu}
 
 def parse_settings(argv):
     settings, _ = configurator.parse(argv, DEFAULTS, {}, __file__, __doc__)
@@ -675,9 +696,9 @@ def save_json(results):
 def main(argv):
     apply(parse_settings(argv))
     results, t_start = {}, time.perf_counter()
-    for name in [w for w in BENCHES if w not in ("shard", "quality", "gpu", "figures")] if what == "all" else [what]:
+    for name in [w for w in BENCHES if w not in ("shard", "quality", "gpu")] if what == "all" else [what]:
         t0, out = time.perf_counter(), BENCHES[name]()
-        for res in out if isinstance(out, list) else [out]:
+        for res in out if isinstance(out, (list, GeneratorType)) else [out]:  # gpu yields part by part
             results[res["name"]] = {**res, "seconds": res.get("seconds", time.perf_counter() - t0)}
             print_result(res)
             if json:

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import bench
+import figures
 from configurator import ConfigError
 
 HERE = Path(__file__).resolve().parent
@@ -126,24 +127,36 @@ def test_gpu_check_without_cuda_is_one_line():
 
 
 GPU_CHECK_ON_CPU = r"""
-import json, bench
+import json, time, bench
 bench.apply({**bench.DEFAULTS, "tiny": True, "device": "cpu", "dtype": "float32", "threads": 1, "reps": 2})
-print("RESULT", json.dumps(bench.bench_gpu(), default=str))
+import inspect
+assert inspect.isgenerator(bench.bench_gpu())  # each part is printed and saved as soon as it is done
+for res in bench.bench_gpu():
+    print("RESULT", json.dumps(res, default=str))
 bench.gpu_budget_s = 0.0
-print("SKIPPED", json.dumps(bench.bench_gpu()["rows"], default=str))
+print("SKIPPED", json.dumps([res["title"] for res in bench.bench_gpu()]))
 """
 
 
-def test_gpu_check_runs_on_a_cpu():
-    """bench.py --what=gpu's training comparison at toy sizes on a CPU (no compile, the torch path for every STEM
-    variant): every variant with the preset's bf16/rowwise table runs with no error but the dense offload, which
-    needs a GPU; the torch path and the offloaded table give the first run's losses exactly; a zero budget skips
-    every variant. (Mutations caught: a loss difference taken against the wrong run, the budget ignored.)"""
-    proc = subprocess.run([sys.executable, "-c", GPU_CHECK_ON_CPU], cwd=HERE, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_gpu_check_runs_on_a_cpu_under_the_interpreter():
+    """bench.py --what=gpu's parts at toy sizes on a CPU (the Triton op under TRITON_INTERPRET=1; no compile):
+    parity within tolerance and bit-identical reruns for fp32 and bf16 tables, the plan timed apart from the
+    kernels; every training variant with the preset's bf16/rowwise table runs with no error but the dense offload,
+    which needs a GPU; the torch path and the offloaded table give the first run's losses exactly; a zero budget
+    skips every part. (Mutations caught: results held back to the end of the run, a loss difference taken
+    against the wrong run, the budget ignored.)"""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", GPU_CHECK_ON_CPU], cwd=HERE, env=env, capture_output=True,
+                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = {line.split(" ", 1)[0]: json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines()}
-    res = lines["RESULT"]
+    results = {r["name"]: r for r in (json.loads(l[7:]) for l in proc.stdout.splitlines() if l.startswith("RESULT "))}
+    assert list(results) == ["gpu_parity", "gpu_kernel", "gpu_train"]
+    parity = results["gpu_parity"]["rows"]
+    assert {r[0] for r in parity} == {"fp32", "fp32 table, bf16 autocast", "bf16 table, bf16 autocast"}
+    assert all(r[4] is True and r[5] is True for r in parity), parity  # within tolerance, bit-identical rerun
+    assert "backward plan (once per forward)" in {r[1] for r in results["gpu_kernel"]["rows"]}
+    res = results["gpu_train"]
     rows = {r[0]: dict(zip(res["columns"], r)) for r in res["rows"]}
     assert list(rows) == ["stem, triton", "stem, torch path", "swiglu", "stem offloaded", "stem, dense offload"]
     dense_offload = rows.pop("stem, dense offload")  # FSDP2's CPUOffloadPolicy needs a GPU: refused here
@@ -154,7 +167,8 @@ def test_gpu_check_runs_on_a_cpu():
         steps = len(res["raw"][name]["losses"])
         assert steps == 3 + 2 and rows[name]["identical losses"] == f"{steps} of {steps}", rows[name]
     assert rows["swiglu"]["identical losses"] is None  # no STEM table: its losses are its own
-    assert [r[1][:8] for r in lines["SKIPPED"]] == ["failed: "] * 5 and all("budget" in r[1] for r in lines["SKIPPED"])
+    skipped = json.loads(next(l[8:] for l in proc.stdout.splitlines() if l.startswith("SKIPPED ")))
+    assert skipped == ["gpu: parity: skipped", "gpu: kernel: skipped", "gpu: train: skipped"]
 
 
 def quality_log(path, val_losses, every=50):
@@ -182,16 +196,15 @@ def figure_inputs(tmp_path):
             quality_log(tmp_path / f"q_s{seed}" / ffn, [10.0, base + 0.5 + shift, base + shift])
             if seed == "7":
                 eval_json(tmp_path / f"q_s{seed}" / ffn, [base + 1, base, base - 0.5], 256 if ffn == "stem" else 0)
-    return [f"--quality_out={tmp_path / 'q'}", "--figures_seeds=7,8", f"--figures_dir={tmp_path / 'docs'}"]
+    return [f"--quality_out={tmp_path / 'q'}", "--seeds=7,8", f"--out_dir={tmp_path / 'docs'}"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib is optional (pip install)")
 def test_figures_from_the_runs_logs(tmp_path, capsys):
-    """--what=figures draws both PNGs from log.jsonl and eval.json files, and its table holds what it drew: the last
+    """figures.py draws both PNGs from log.jsonl and eval.json files, and returns what it drew: the last
     validation loss of each FFN and seed, and the first and last position buckets. (Mutations caught: the train
     loss drawn for the validation loss, the second seed's runs read for the first's.)"""
-    res = run(tmp_path, capsys, "--what=figures", *figure_inputs(tmp_path))["figures"]
-    rows = {(r[0], r[1], r[2]): r[3:] for r in res["rows"]}
+    rows = {(r[0], r[1], r[2]): r[3:] for r in figures.main(figure_inputs(tmp_path))}
     for (ffn, base), (seed, shift) in itertools.product((("swiglu", 7.0), ("stem", 6.5), ("moe", 6.8)),
                                                         (("7", 0.0), ("8", 0.1))):
         assert rows[ffn, seed, "step 100"] == [pytest.approx(base + shift), None]
@@ -203,21 +216,19 @@ def test_figures_from_the_runs_logs(tmp_path, capsys):
     (tmp_path / "q_s8" / "moe" / "log.jsonl").unlink()  # a run not made yet: the command that makes it, in one line
     with pytest.raises(ConfigError, match=r"q_s8/moe/log.jsonl: make it with `python bench.py --what=quality "
                        r"--quality_variants=swiglu,stem,moe --quality_out=\S+/q_s8 --quality_extra=\"--seed=8\"`"):
-        bench.main(["--what=figures", f"--quality_out={tmp_path / 'q'}", "--figures_seeds=7,8",
-                    f"--figures_dir={tmp_path / 'docs'}"])
+        figures.main([f"--quality_out={tmp_path / 'q'}", "--seeds=7,8", f"--out_dir={tmp_path / 'docs'}"])
     (tmp_path / "q_s7" / "stem" / "eval.json").write_text(json.dumps({"bpb": 2.0}))  # eval.py run without position
     with pytest.raises(ConfigError, match=r"no loss by position in \S+/q_s7/stem/eval.json: make it with "
                        r"`python eval.py --out_dir=\S+/q_s7/stem --parts=position --max_tokens=0`"):
-        bench.main(["--what=figures", f"--quality_out={tmp_path / 'q'}", "--figures_seeds=7",
-                    f"--figures_dir={tmp_path / 'docs'}"])
+        figures.main([f"--quality_out={tmp_path / 'q'}", "--seeds=7", f"--out_dir={tmp_path / 'docs'}"])
 
 
 def test_figures_without_matplotlib_is_one_line(tmp_path):
-    """matplotlib is optional: without it --what=figures says so in one line, naming the install, and exits 1."""
+    """matplotlib is optional: without it figures.py says so in one line, naming the install, and exits 1."""
     (tmp_path / "matplotlib.py").write_text("raise ImportError('No module named matplotlib (a stand-in)')\n")
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(HERE / "bench.py"), "--what=figures"], cwd=HERE, env=env,
+    proc = subprocess.run([sys.executable, str(HERE / "figures.py")], cwd=HERE, env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 1 and proc.stdout == "" and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
-    assert proc.stderr.startswith("bench.py: error: --what=figures") and "pip install matplotlib" in proc.stderr
+    assert proc.stderr.startswith("figures.py: error: figures.py draws") and "pip install matplotlib" in proc.stderr
