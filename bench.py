@@ -45,7 +45,7 @@ from model import GPT, GPTConfig, MoE, STEM, StemRows, SwiGLU
 
 # ----------------------------------------------------------------------------------------------------------
 # settings (config/*.py files and --key=value, see configurator.py; python bench.py --help lists them)
-what = "all"  # all (all but shard, quality, gpu) or one of: ffn step vocab gather sample capacity offload prepare shard quality gpu
+what = "all"  # "all": every part but shard, quality and gpu; or one part's name (BENCHES, at the end)
 device = "cuda" if torch.cuda.is_available() else "cpu"  # where ffn..offload run; gpu always uses cuda
 dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"  # or "float32"
 reps = 0  # timed rounds per measurement; 0: each one's own default (fewer where a call takes seconds)
@@ -238,9 +238,8 @@ def bench_ffn():
         x.grad = None
         modules[name].zero_grad(set_to_none=True)
         if kernel:
-            r, fused = lookup(next(batches)), stem_ops.use_triton(kernel, device)
-            plan = stem_ops.backward_plan(r.inverse, r.rows.size(0)) if fused else ()  # as GPT.forward builds them
-            rows = StemRows(r.rows, r.inverse, r.ids, layers=(r.rows,), fused=fused, plan=tuple(plan))
+            r = lookup(next(batches))
+            rows = layer_rows(r.rows, r.inverse, r.ids, f, stem_ops.use_triton(kernel, device))
         with autocast():
             out = modules[name](x, rows) if kernel else modules[name](x)
         outs = out if isinstance(out, tuple) else (out,)  # MoE: (y, aux loss)
@@ -480,20 +479,6 @@ def shard_traffic(world, micro=40, B=12, T=1024):
     return [f"{world} ranks", f"{k} x {B} x {T}", statistics.mean(distinct), served.sum() * row / 1e9,
             served.max() * row / 1e9, grads * row / 1e9, served.sum() * 8 / 1e6]  # a row received: an id sent
 
-PEAK_RSS = r"""
-# train.py, then this rank's peak resident memory into out_dir/peak_rss_<rank>.json
-import json, os, resource, runpy, sys
-sys.argv[0] = {train!r}
-sys.path.insert(0, os.path.dirname({train!r}))
-out = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--out_dir="))
-try:
-    runpy.run_path({train!r}, run_name="__main__")
-finally:
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, f"peak_rss_{{os.environ.get('RANK', 0)}}.json"), "w") as f:
-        json.dump(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, f)
-"""
-
 def torchrun(ranks):
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else []
     return [sys.executable, *launcher]
@@ -507,9 +492,6 @@ def bench_shard():
                  "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=20", "--vocab_size=50305",
                  "--stem_weight_decay=1.0", "--device=cpu", "--dtype=float32", *data_args()]
     os.makedirs(shard_out, exist_ok=True)
-    wrapper = os.path.join(shard_out, "peak_rss.py")
-    with open(wrapper, "w") as f:
-        f.write(PEAK_RSS.format(train=os.path.abspath("train.py")))
     handed, shard = "handed 2 -> 3 (offloaded) -> 1", "--stem_shard=True"
     for name, ranks, until, *args in (
             ("1 process", 1, steps), ("2 ranks, sharded", 2, steps, shard), ("3 ranks, sharded", 3, steps, shard),
@@ -519,24 +501,27 @@ def bench_shard():
         logs[name] = os.path.join(shard_out, name.replace(" ", "_").replace(",", "").replace(">", ""))
         args = [*tiny_args, *args, f"--max_iters={until}", f"--out_dir={logs[name]}"]
         log(f"shard: {' '.join(torchrun(ranks)[1:])} train.py {' '.join(args)}")
-        error = train_py(args, [*torchrun(ranks), wrapper], env={**os.environ, "OMP_NUM_THREADS": "1"})
+        error = train_py(args, [*torchrun(ranks), "train.py"], env={**os.environ, "OMP_NUM_THREADS": "1"})
         if error:
             raise RuntimeError(f"train.py for '{name}' failed: {error}")
     (loss1, eval1), rows = curves(read_log(logs["1 process"])), []
     ref = checkpoint.load(logs["1 process"])["model"]
     for name, out in logs.items():
         (losses, evals), ckpt = curves(read_log(out)), checkpoint.load(out)["model"]
-        peaks = [jsonlib.load(open(os.path.join(out, f))) / 2**20 for f in sorted(os.listdir(out)) if "peak_rss" in f]
+        peaks = [kb / 2**10 for kb in [r for r in read_log(out) if "max_rss_kb" in r][-1]["max_rss_kb"]]
         disk = sum(os.path.getsize(os.path.join(out, "ckpt", f)) for f in os.listdir(os.path.join(out, "ckpt")))
+        timed = {k: [r[k] for r in read_log(out) if k in r] for k in ("checkpoint_s", "resume_s")}  # train.py's
         rows.append([name, len(losses), max(abs(losses[i] - loss1[i]) for i in loss1),
                      max(abs(evals[i] - eval1[i]) for i in eval1),
                      max((ckpt[k].double() - ref[k].double()).abs().max().item() for k in ref),
-                     " / ".join(f"{p:.0f}" for p in peaks), disk / 2**20])
-    same = [[{k: v for k, v in r.items() if k not in ("dt_ms", "tokens_per_s")} for r in read_log(logs[n])]
+                     " / ".join(f"{p:.0f}" for p in peaks), disk / 2**20, statistics.median(timed["checkpoint_s"]),
+                     " / ".join(f"{s:.2f}" for s in timed["resume_s"]) or None])
+    timing = ("dt_ms", "tokens_per_s", "checkpoint_s", "resume_s", "max_rss_kb")
+    same = [[{k: v for k, v in r.items() if k not in timing} for r in read_log(logs[n])]
             for n in ("2 ranks, sharded", "2 ranks, table replicated")]
     res = result("shard", "shard: train.py with FSDP2 and the STEM table split over processes, against one process",
                  ["run", "steps", "max |loss diff|", "max |val loss diff|", "max |weight diff| at the end",
-                  "peak RSS per rank, MB", "checkpoint on disk, MB"], rows,
+                  "peak RSS per rank, MB", "checkpoint on disk, MB", "save s (median)", "resume s (each)"], rows,
                  [f"train.py {' '.join(tiny_args)} (gloo, the same global batch of 6 micro-batches); "
                   f"2 ranks with the table sharded and replicated log the same numbers: {same[0] == same[1]}"],
                  {"same_as_replicated": same[0] == same[1]})

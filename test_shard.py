@@ -276,7 +276,8 @@ def leaves(tree, prefix=""):
 
 
 def untimed(out_dir):
-    return [{k: v for k, v in r.items() if k not in ("dt_ms", "tokens_per_s")} for r in read_log(out_dir)]
+    timing = ("dt_ms", "tokens_per_s", "checkpoint_s", "resume_s", "max_rss_kb")
+    return [{k: v for k, v in r.items() if k not in timing} for r in read_log(out_dir)]
 
 
 def test_a_run_handed_between_world_sizes_trains_as_one_process(runs):

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import resource
 import sys
 import time
 from contextlib import nullcontext
@@ -347,8 +348,10 @@ def main(argv):
     master = cfg.rank == 0
     model = build_model(cfg, resuming=ckpt is not None)  # saved as is: no compile wrapper, no _orig_mod. prefixes
     optimizer, rows_opt = build_optimizers(cfg, model)
-    if ckpt is not None:
+    t0 = time.time()
+    if ckpt is not None:  # every rank reads its own pieces
         checkpoint.resume_training(cfg, model, optimizer, rows_opt)
+    resume_s = time.time() - t0
     start_iter, best_val_loss = (ckpt["iter_num"], ckpt["best_val_loss"]) if ckpt else (0, float("inf"))
     checkpoint.restore_rng(cfg, ckpt) if ckpt else torch.manual_seed(cfg.seed + cfg.rank)  # dropout differs by rank
     run_model = torch.compile(model) if cfg.compile else model
@@ -356,6 +359,8 @@ def main(argv):
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
         log = open_log(os.path.join(cfg.out_dir, "log.jsonl"), start_iter if cfg.init_from == "resume" else None)
+        if ckpt is not None:
+            log(iter=start_iter, resume_s=resume_s)  # how long this rank took to read the checkpoint
         elsewhere, shards = 0, ""  # a sharded model holds only this rank's rows of the table
         if cfg.stem_shard:
             elsewhere = (cfg.vocab_size - model.stem_table.size(0)) * model.stem_table.size(1)
@@ -374,12 +379,17 @@ def main(argv):
                     raise ConfigError(f"evaluation loss is not finite at step {iter_num}: training diverged; lower "
                                       f"learning_rate. The last checkpoint in {cfg.out_dir} is untouched")
                 improved, best_val_loss = losses["val"] < best_val_loss, min(best_val_loss, losses["val"])
-                if master:
-                    log(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"])
+                peak = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss] * cfg.world_size  # KB on Linux
+                if cfg.distributed:
+                    dist.all_gather_object(peak, peak[0])
+                if master:  # host memory is what STEM's tables fill: every rank's peak so far
+                    log(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], max_rss_kb=peak)
                     bar.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 if iter_num > start_iter and (cfg.always_save_checkpoint or improved):  # the start is on disk
+                    t0 = time.time()
                     checkpoint.save_training(cfg, model, optimizer, rows_opt, iter_num, best_val_loss,
                                              {k: getattr(cfg, k) for k in DEFAULTS})
+                    log(iter=iter_num, checkpoint_s=time.time() - t0) if master else None
             if iter_num == cfg.max_iters:
                 break
             t0, lr = time.time(), get_lr(cfg, iter_num)
