@@ -3,7 +3,7 @@ What a training run keeps in memory, counted before anything is allocated (the m
 device). train.py prints it at the start of a run; `python train.py --plan=True` prints it and stops, and with
 --plan_gpu_gb=80 also names the largest batch_size that fits a GPU of that size. `python memory_plan.py <train.py
 settings>` (or under torchrun) measures one rank of such a run on a CPU against the plan: what it keeps, and what
-a checkpoint's save and resume add (Linux: peak resident memory; bench.py --what=shard and test_shard.py use it).
+a checkpoint's save and resume add (Linux: peak resident memory; test_shard.py checks it; docs/scaling.md quotes it).
 
 Bytes per parameter: dense weights 4 + AdamW moments 8, and a gradient of 4 while a step runs. A STEM table
 parameter: the weight and the first moment in stem_dtype (4 or 2 each) and the second moment, 4 per element
