@@ -2,7 +2,7 @@
 Does a STEM edit change what a model knows? Two measurements around knowledge_edit.py's edit:
 
     python edit_experiment.py                  # train small STEM models on country/capital facts; flip rates
-    python edit_experiment.py config/edit_demo.py    # the README's demo model: STEM in every layer, tied embeddings
+    python edit_experiment.py config/edit_demo.py    # the demo model (docs/editing.md): STEM in every layer, tied
     python edit_experiment.py --what=spread    # angular spread: STEM rows vs SwiGLU's W_up x (after the above)
 
 experiment: 40 countries and capitals, each one GPT-2 token after a space, in 8 sentence templates (2 with the

@@ -173,8 +173,8 @@ def report(cfg):
     if getattr(cfg, "plan_gpu_gb", 0):
         best = largest_batch(cfg, cfg.plan_gpu_gb * GB)
         lines.append(f"  largest batch_size that fits a {cfg.plan_gpu_gb:g} GB GPU at block_size {cfg.block_size}: "
-                     + (str(best) if best else "none (try stem_offload=True, or stem_dtype=bfloat16 "
-                                               "stem_state=rowwise)"))
+                     + (str(best) if best else "none (try stem_dtype=bfloat16 stem_state=rowwise, stem_offload=True, "
+                                               "dense_offload=True)"))
     return "\n".join(lines)
 
 

@@ -185,7 +185,7 @@ class ShardedRowAdamW(SparseRowAdamW):
         self.group = dist.new_group(backend=dist.get_backend())  # the table's own traffic
         self.incoming = None  # the prefetched batch's Fetch
         self.unsent = None  # a Fetch whose rows are still to be sent (defer_sending)
-        self.bytes_sent = {"ids": 0, "rows": 0, "grads": 0}  # to other ranks (bench and the README count them)
+        self.bytes_sent = {"ids": 0, "rows": 0, "grads": 0}  # to other ranks (bench.py and docs/scaling.md count them)
 
     # -- exchanges: each one starts with the counts, and sends a deferred prefetch's rows first ------------
 

@@ -410,15 +410,15 @@ def test_sample_edit_error_is_one_line_and_exit_1(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the README's demo road: config/edit_demo.py trains STEM in every layer, tied embeddings, on 12 facts; then
-# sample.py edits. About 2 minutes on 2 quiet cores (600 steps); the slowest test of the suite, and the one that
+# the demo road (README, docs/editing.md): config/edit_demo.py trains STEM in every layer, tied embeddings, on 12
+# facts; then sample.py edits. About 2 minutes on 2 quiet cores (600 steps); the slowest test of the suite, and the one that
 # says the paper's edit works here at all.
 
 def check_demo_run(run, model_dir, capsys):
-    """What the README promises of the demo model, from edit_experiment.py's JSON for it and sample.py."""
+    """What docs/editing.md promises of the demo model, from edit_experiment.py's JSON for it and sample.py."""
     assert run["stem_layers"] == [0, 1, 2, 3]  # --layers=all: layer 0 too
     rows = {(x["templates"], x["where"]): x for x in run["rows"]}
-    # bounds that both seeds measured in the README meet (1337: 100% / 97.7% flips, 1338: 88.9% / 42.9%)
+    # bounds that both seeds measured in docs/editing.md meet (1337: 100% / 97.7% flips, 1338: 88.9% / 42.9%)
     for templates, known, flips in (("training templates", 0.9, 0.8), ("held-out templates", 0.5, 0.4)):
         edit, control = rows[(templates, "stem")], rows[(templates, "wte")]
         assert edit["accuracy_before"] >= known, edit  # it knows the facts, on phrasings it never saw too

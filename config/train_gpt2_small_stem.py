@@ -6,11 +6,11 @@
 # keeps that global batch, with 5 micro-steps per GPU.
 # Memory: the STEM tables are 50304 x 11 layers x 2048 = 1.13B parameters. In float32 with full Adam moments
 # they take 12 bytes each (13.6 GB); in bfloat16 with rowwise second moments 4 (4.5 GB), which the quality runs
-# in the README measured within 0.02 nats of float32. `python train.py config/train_gpt2_small_stem.py
+# in docs/results.md measured within 0.02 nats of float32. `python train.py config/train_gpt2_small_stem.py
 # --plan=True --plan_gpu_gb=80` prints the whole plan.
 
 out_dir = "out-gpt2-small-stem"
-# FineWeb-Edu's 10B-token sample (README, "Train on one GPU"): fetch it, then tokenize it into data/fineweb_edu:
+# FineWeb-Edu's 10B-token sample (docs/data.md): fetch it, then tokenize it into data/fineweb_edu:
 #   hf download HuggingFaceFW/fineweb-edu --repo-type=dataset --include "sample/10BT/*" --local-dir=fineweb-edu
 #   python prepare.py --input=fineweb-edu/sample/10BT --name=fineweb_edu
 dataset = "fineweb_edu"  # any corpus prepare.py made works: --dataset=NAME
@@ -40,7 +40,7 @@ grad_clip = 1.0
 
 # STEM table: row-wise AdamW on the backbone's schedule. The official code decays the tables like the backbone
 # (weight_decay 0.1) and clips them separately (stem_weight_decay=0.1, stem_clip="separate" here); on the quality
-# runs in the README that was worse than no table decay with joint clipping, so these stay the defaults.
+# runs in docs/results.md that was worse than no table decay with joint clipping, so these stay the defaults.
 stem_optim = "sparse"
 stem_lr_mult = 1.0
 stem_weight_decay = 0.0
