@@ -6,7 +6,7 @@ parallel: its rows of a sharded STEM table and their optimizer state, its FSDP s
 their AdamW state. So no process ever holds the whole model to save it, and a run resumes on any number of
 processes (DCP reshards), or on one without torchrun. The state, a nested dict:
 
-    model           the model's state_dict by parameter name (names of the bare model: no compile/DDP prefixes)
+    model           the model's state_dict by parameter name (names of the bare model: no compile prefixes)
     optimizer       the dense AdamW's, by parameter name (torch.distributed.checkpoint.state_dict's layout)
     stem_optimizer  the row optimizer's moments, step counts and decay; None with stem_optim=dense
     model_args      the GPTConfig fields, and config, every train.py setting (both as JSON: lists stay whole)
@@ -158,7 +158,7 @@ def load_model(path):
     """(the GPT in path, on the CPU, in eval mode; the whole checkpoint)."""
     ckpt = load(path)
     model = GPT(GPTConfig(**ckpt["model_args"]))
-    # train.py saves clean names; a checkpoint from a compiled or DDP-wrapped model would carry prefixes
+    # train.py saves clean names; a checkpoint of a compiled or DDP-wrapped model (elsewhere) would carry prefixes
     model.load_state_dict({k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()})
     return model.eval(), ckpt
 

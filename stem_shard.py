@@ -16,9 +16,9 @@ update runs. One step, in all_to_all_single collectives (gloo on CPUs, NCCL on G
                  order asked, which is the order of the ids: the model reads the same StemRows as on one process
     sync()       after the backward, each row's gradient goes to its owner, who merges all ranks' gradients for
                  a row in a fixed order (rank, then position: a sorted segment sum, no atomics) and divides by the
-                 world size as DDP does
+                 world size, as the dense gradients are averaged
     clipping     grad_sq_norm is the owner's sum of squares, all-reduced (one scalar): with the dense gradients'
-                 (DDP replicas, identical) it is the norm one process would clip by
+                 (FSDP2's shards, summed alike) it is the norm one process would clip by
     step(lr)     each owner updates only its rows (bf16 tables: stochastic rounding hashed from the *global* row
                  id, so the bits are those one process would write)
 
@@ -29,15 +29,15 @@ again, fresh, 3. the update of every other row (with offload, on the worker thre
 
 Every rank takes part in every exchange in the same order (an evaluation rank without a batch looks up no ids,
 but still serves the others), and every collective is issued from the main thread: the table's traffic has its
-own process group, so it neither waits behind DDP's all-reduces nor reorders them.
+own process group, so it neither waits behind FSDP2's collectives nor reorders them.
 
 ShardedOffloadedRowAdamW (with --stem_offload=True) keeps the shard and its state in this rank's host memory:
 the rows it serves are gathered on the offload worker and copied to the device, and a prefetch's rows leave at the
 next exchange, once the worker has them; the rest is the same. A node then holds one copy of the table in all,
 not one per GPU.
 
-Two sharded ranks give the bits of two replicated DDP ranks: the owners' merges are the all-gather's sums, in the
-same order (test_shard.py checks it through train.py, and 3 ranks against the replicated optimizer).
+Two sharded ranks give the bits of two ranks with the table replicated: the owners' merges are the all-gather's
+sums, in the same order (test_shard.py checks it through train.py, and 3 ranks against the replicated optimizer).
 
 Checkpoints (checkpoint.py, torch.distributed.checkpoint): state_dict() gives this rank's rows of the table's state
 as DTensors sharded by rows (global_rows does the table itself), so every rank writes its own rows and a run
@@ -289,8 +289,8 @@ class ShardedRowAdamW(SparseRowAdamW):
 
     def sync(self):
         """Every row's gradient to its owner; the owner merges them (rank, then position) and divides by the
-        world size, as DDP averages. Afterwards self.grad holds this rank's rows, by local id, on every rank.
-        The gradients go in rounds of at most EXCHANGE_BYTES received per rank (rows for each owner in id order),
+        world size, as the dense gradients are averaged. Afterwards self.grad holds this rank's rows, by local id,
+        on every rank. The gradients go in rounds of at most EXCHANGE_BYTES received per rank (rows for each owner in id order),
         each round merged into the rows so far: a step touching many rows never lands on an owner at once."""
         ids, g = self.grad if self.grad is not None else (self.edges.new_zeros(0), self._no_rows())
         counts = self._split(ids)

@@ -7,7 +7,7 @@ most B x T distinct rows. The path of one step, in order:
      the compact rows table[ids] into a leaf tensor that requires grad; the model reads it as a StemRows;
   2. the backward leaves a compact [n_unique, width] gradient in rows.grad, never a vocab-sized one;
   3. accumulate(rows): merge it into the step's gradient at once, so what waits is one step's distinct rows;
-  4. sync(): under DDP, gather every rank's rows, merge, and average;
+  4. sync(): under torchrun, gather every rank's rows, merge, and average;
   5. clip_grad_norm_ below scales the row gradients with the dense ones (or on their own: stem_clip);
   6. step(lr): a row-wise AdamW on just those rows (update_rows()).
 
@@ -76,7 +76,7 @@ def stochastic_round_bf16(x, noise):
 
 def hash_noise(ids, steps, width, salt):
     """16 random bits per element, a hash of (row id, that row's update count, column, salt): the same bits
-    wherever and in whatever order a row is updated (offload's split update, DDP replicas, a resumed run)."""
+    wherever and in whatever order a row is updated (offload's split update, replicas, a resumed run)."""
     mask = 0xFFFFFFFF
     x = (ids.unsqueeze(1) * 0x9E3779B1 + steps.unsqueeze(1) * 0x85EBCA77 + salt * 0xC2B2AE3D) & mask
     x = (x + torch.arange(width, device=ids.device) * 0x27D4EB2F) & mask
@@ -106,7 +106,7 @@ def lazy_zeros(shape, dtype, device):
 
 class SparseRowAdamW:
     """Owns model.stem_table's training when stem_optim=sparse (the table leaves the dense optimizer and
-    stops requiring grad, so autograd, DDP and clipping never see a dense table gradient).
+    stops requiring grad, so autograd, FSDP2 and clipping never see a dense table gradient).
 
     Memory per table parameter: the weight and the first moment in the table's dtype, plus the second moment:
     fp32 per element (state="full": 12 bytes in all for an fp32 table) or one fp32 per row, the mean of g^2
@@ -156,7 +156,7 @@ class SparseRowAdamW:
     @torch.no_grad()
     def apply_pending_decay(self, rows_at_once=4096):
         """Write every row's pending decay into the table itself (before a checkpoint is saved): the saved table
-        is then the one dense AdamW would have, and sample.py or any other reader of ckpt.pt needs no optimizer.
+        is then the one dense AdamW would have, and sample.py or any other reader of the checkpoint needs no optimizer.
         The multiply and rounding are the lookup's and the update's, so a run that saves changes in the last
         bits only (bf16 tables: stochastic rounding, as every write)."""
         if not self.weight_decay:
@@ -178,8 +178,8 @@ class SparseRowAdamW:
         self.grad = (ids, g)
 
     def sync(self):
-        """Under DDP, sum over ranks and divide by the world size, matching DDP's gradient averaging, so every
-        rank applies the same update to its replica."""
+        """Under torchrun, sum over ranks and divide by the world size, as the dense gradients are averaged, so
+        every rank applies the same update to its replica."""
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             ids, g = self.grad if self.grad is not None else (self.table.new_zeros(0, dtype=torch.int64),
                                                               self.table.new_zeros(0, self.table.size(1)))
