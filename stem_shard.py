@@ -290,8 +290,9 @@ class ShardedRowAdamW(SparseRowAdamW):
     def sync(self):
         """Every row's gradient to its owner; the owner merges them (rank, then position) and divides by the
         world size, as the dense gradients are averaged. Afterwards self.grad holds this rank's rows, by local id,
-        on every rank. The gradients go in rounds of at most EXCHANGE_BYTES received per rank (rows for each owner in id order),
-        each round merged into the rows so far: a step touching many rows never lands on an owner at once."""
+        on every rank. The gradients go in rounds of at most EXCHANGE_BYTES received per rank (rows for each
+        owner in id order), each round merged into the rows so far: a step touching many rows never lands on an
+        owner at once."""
         ids, g = self.grad if self.grad is not None else (self.edges.new_zeros(0), self._no_rows())
         counts = self._split(ids)
         per_round = max(1, EXCHANGE_BYTES // (self.world * g.size(1) * g.element_size()))  # rows, each owner
