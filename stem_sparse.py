@@ -272,7 +272,7 @@ def sum_of_squares(t, chunk=1 << 20):
 def clip_grad_norm_(parameters, max_norm, row_optimizer=None):
     """torch.nn.utils.clip_grad_norm_ over the dense gradients and the sparse row gradients together. Under FSDP2
     each rank holds a shard of every dense gradient (a DTensor): their squares are summed over the ranks.
-    Returns the total norm before clipping."""
+    Returns the total norm before clipping, in float32 as torch's does (it is summed in float64)."""
     grads = [p.grad for p in parameters if p.grad is not None]
     pieces = [g.to_local() if isinstance(g, DTensor) else g for g in grads]  # the same tensors' storage
     squares = [sum_of_squares(g) for g in pieces]
@@ -290,4 +290,4 @@ def clip_grad_norm_(parameters, max_norm, row_optimizer=None):
             g.mul_(scale.to(g.device))
         if row_optimizer is not None:
             row_optimizer.scale_grad(scale)
-    return total
+    return total.float()
