@@ -2,7 +2,7 @@
 How many facts does a model store and recall? STEM against SwiGLU and MoE on synthetic biographies, after the
 "Physics of Language Models" knowledge studies (Allen-Zhu and Li, parts 3.1 and 3.3), at laptop scale:
 
-    python knowledge_experiment.py                   # the whole experiment: table, JSON, figure (docs/knowledge.md)
+    python knowledge_experiment.py                   # the whole experiment: table, JSON, figure (results: docs/knowledge.md)
     python knowledge_experiment.py --what=figure     # the figure again from the JSON (needs matplotlib)
     python knowledge_experiment.py --n_people=40 --ffns=stem,swiglu --seeds=1 --steps=300   # a quick probe
 
@@ -29,6 +29,7 @@ import json as jsonlib
 import math
 import os
 import random
+import resource
 import shlex
 import shutil
 import sys
@@ -61,7 +62,7 @@ out_dir = "out/knowledge"  # models go to out_dir/n<N>_<ffn>_s<seed>/
 data_dir = "data"  # corpora go to data_dir/<name>_n<N>_k<K>/ (train.py reads them from there)
 name = "knowledge"  # the datasets' name prefix
 threads = 1  # torch threads in each train.py child (OMP_NUM_THREADS) and here; 0: torch's default (all cores)
-keep_checkpoints = False  # keep each run's ckpt.pt (a STEM one is ~0.9 GB); False: delete it once scored
+keep_checkpoints = False  # keep each run's checkpoint (a STEM one is ~0.9 GB); False: delete it once scored
 train_args = ""  # more train.py settings after ours, space separated, e.g. "--learning_rate=3e-3"
 # ----------------------------------------------------------------------------------------------------------
 SETTINGS = defaults_of(globals())
@@ -114,7 +115,7 @@ FFN_ARGS = {"swiglu": {"ffn": "swiglu"}, "moe": {"ffn": "moe"}, "stem": {"ffn": 
             "stem_all": {"ffn": "stem", "stem_layers": "all"}}  # "all": every layer, filled in per n_layer
 # train.py settings; train_args come after them, so they win. n_embd 64 (train.py's default): on a CPU the
 # 50304-way lm_head is most of a step's cost whatever the FFN, and it grows with the width. learning_rate 1e-2
-# (train.py's default): at 3e-3 only STEM left chance within 300 steps at 16 people (docs/knowledge.md).
+# (train.py's default): at 3e-3 only STEM left chance within 300 steps at 16 people (see docs/knowledge.md).
 EXPERIMENT_TRAIN_ARGS = {
     "n_layer": 4, "n_head": 4, "n_embd": 64, "block_size": 32, "batch_size": 16, "learning_rate": 1e-2,
     "min_lr": 1e-3, "warmup_iters": 20, "eval_iters": 2, "log_interval": 50,
@@ -315,15 +316,6 @@ def score_model(model, enc, prompts, ids, k):
     return summarize(prompts, *score(logits, prompts, k, enc), k)
 
 
-CHECKPOINT_NAMES = ("ckpt.pt", "ckpt")  # what train.py writes in out_dir: a file, or a folder (DCP)
-
-
-def checkpoint_in(run_dir):
-    """The checkpoint train.py left in run_dir, as checkpoint.load_model takes it."""
-    return next((os.path.join(run_dir, n) for n in CHECKPOINT_NAMES if os.path.exists(os.path.join(run_dir, n))),
-                os.path.join(run_dir, CHECKPOINT_NAMES[0]))
-
-
 def train_and_score(opts, enc, run, args, extra, stages, prompts, ids):
     """Train run's model through train.py in stages (one lr schedule over the last stage), scoring the checkpoint
     after each; then the untrained model (train.py's initial weights for that seed) on the first seed."""
@@ -331,7 +323,7 @@ def train_and_score(opts, enc, run, args, extra, stages, prompts, ids):
     for i, s in enumerate(stages):
         resume = {"init_from": "resume"} if i else {}
         run["train_s"] += run_train(dict(args, max_iters=s, **resume), extra)
-        model, ckpt = checkpoint.load_model(checkpoint_in(args["out_dir"]))
+        model, ckpt = checkpoint.load_model(args["out_dir"])  # finds what train.py wrote there
         stage = score_model(model, enc, prompts, ids, opts.n_attributes)
         stage.update(steps=s, val_loss=ckpt["best_val_loss"])
         run["stages"].append(stage)
@@ -345,13 +337,12 @@ def train_and_score(opts, enc, run, args, extra, stages, prompts, ids):
         run["untrained"] = score_model(GPT(GPTConfig(**ckpt["model_args"])).eval(), enc, prompts, ids,
                                        opts.n_attributes)
     if not opts.keep_checkpoints:
-        for name in CHECKPOINT_NAMES:
-            path = os.path.join(args["out_dir"], name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path) if os.path.exists(path) else None
+        path = checkpoint.find(args["out_dir"])
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 def experiment(opts):
-    t_start, load_start = time.time(), read_loadavg()
+    t_start, load_start, cpu_start = time.time(), read_loadavg(), cpu_seconds()
     enc = load_tokenizer()
     ns, ffns, seeds, steps = (parse_list("n_people", opts.n_people), opts.ffns.split(","), parse_seeds(opts.seeds),
                               sorted(set(parse_list("steps", opts.steps))))
@@ -388,11 +379,19 @@ def experiment(opts):
                 run["sightings"] = run["tokens"] / pass_tokens * len(ATTRIBUTES["birth year"][1])
                 results["runs"].append(run)
                 write_json(opts.json, results)  # as it goes: an interrupted experiment keeps what it measured
-    results.update(wall_s=time.time() - t_start, loadavg_start=load_start, loadavg_end=read_loadavg())
+    results.update(wall_s=time.time() - t_start, cpu_s=cpu_seconds() - cpu_start, loadavg_start=load_start,
+                   loadavg_end=read_loadavg())
     print("\n" + report(results))
     write_json(opts.json, results)
     if opts.figure:
         draw_figure(results, opts.figure)
+
+
+def cpu_seconds():
+    """CPU time (user + system) of this process and its finished children: the cost on a machine others share,
+    where wall time depends on their load."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def read_loadavg():
@@ -453,7 +452,8 @@ def report(results):
         cells = [f"{np.mean([r['stages'][i]['recall'] for r in curve if r['ffn'] == ffn]):.3f}" for ffn in ffns]
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     if "wall_s" in results:
-        lines += ["", f"wall time {results['wall_s'] / 60:.1f} min; load average (1, 5, 15 min) at start "
+        cpu = f", CPU time {results['cpu_s'] / 60:.1f} min" if "cpu_s" in results else ""
+        lines += ["", f"wall time {results['wall_s'] / 60:.1f} min{cpu}; load average (1, 5, 15 min) at start "
                   f"{results['loadavg_start']}, at end {results['loadavg_end']}"]
     return "\n".join(lines)
 
@@ -482,6 +482,8 @@ def draw_figure(results, path):
         left.plot(ns, [mean_of([r for r in mine if r["n_people"] == n], "recall") for n in ns], "o-",
                   color=COLORS.get(ffn), label=ffn)
         curve = [r for r in mine if r["n_people"] == results["curve_n"]]
+        right.scatter([s for r in curve for s in results["steps"]], [x["recall"] for r in curve for x in r["stages"]],
+                      color=COLORS.get(ffn), s=12, alpha=0.5)
         right.plot(results["steps"], [np.mean([r["stages"][i]["recall"] for r in curve])
                                       for i in range(len(results["steps"]))], "o-", color=COLORS.get(ffn), label=ffn)
     left.plot(ns, [d["most_frequent"]["recall"] for d in results["data"]], "k--", label="most frequent value")
@@ -492,7 +494,9 @@ def draw_figure(results, path):
              ylabel="recall (training templates)", title=f"recall against N, {results['steps'][-1]} steps "
                                                          f"({tokens / 1e6:.2f}M tokens)")
     right.set(xlabel="training steps", ylabel="recall (training templates)",
-              title=f"recall against steps, N = {results['curve_n']}")
+              title=f"recall against steps, N = {results['curve_n']} people")
+    fig.text(0.5, 0.01, f"{len({r['seed'] for r in runs})} seeds: lines their mean, dots each seed", ha="center",
+             fontsize=9)
     left.minorticks_off()  # the N themselves as ticks, not log-scale minor labels that collide with them
     left.set_xticks(ns, [str(n) for n in ns])
     right.set_xlim(0, results["steps"][-1] * 1.05)
@@ -500,7 +504,7 @@ def draw_figure(results, path):
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04, 1, 1))  # room for the note below
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path + ".tmp.png", dpi=110)
     os.replace(path + ".tmp.png", path)
