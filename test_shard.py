@@ -315,7 +315,7 @@ def test_a_run_handed_between_world_sizes_trains_as_one_process(runs):
             assert torch.equal(va, vb) if torch.is_tensor(va) else va == vb, (part, key)
 
 
-def test_sample_and_eval_read_a_sharded_checkpoint_as_one_processs(runs, tmp_path):
+def test_sample_and_eval_read_a_sharded_checkpoint_in_one_process(runs, tmp_path):
     """The 3-rank sharded checkpoint, and the same weights as one torch.save file written by the converter the
     README names (python -m torch.distributed.checkpoint.format_utils dcp_to_torch, one process): sample.py gives
     the same text at temperature 0 and eval.py the same bits per byte and loss by position from both. (Mutation
