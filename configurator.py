@@ -160,3 +160,6 @@ def run_main(main, prog):
         if int(os.environ.get("RANK", 0)) == 0:  # under torchrun every rank fails alike: say it once
             print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(1)
+    except BrokenPipeError:  # output piped into a reader that stopped early (`--help | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail again
+        sys.exit(0)

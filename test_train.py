@@ -472,6 +472,15 @@ def test_help_lists_every_key(capsys):
     assert "--stem_optim='sparse'" in out and "row-wise AdamW" in out
 
 
+def test_help_into_a_reader_that_stopped_is_no_traceback():
+    """`python train.py --help | head -1`: the reader leaves before the help is written; train.py exits 0, quietly."""
+    proc = subprocess.Popen([sys.executable, "train.py", "--help"], cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before the child has imported torch, so every write it makes meets a closed pipe
+    err = proc.stderr.read()
+    assert proc.wait() == 0 and "Traceback" not in err, err
+
+
 def test_lr_schedule():
     cfg = train.configure(["--learning_rate=1.0", "--min_lr=0.1", "--warmup_iters=10", "--max_iters=110"])
     assert train.get_lr(cfg, 0) < train.get_lr(cfg, 9) < train.get_lr(cfg, 10) == pytest.approx(1.0)
