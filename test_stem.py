@@ -734,6 +734,24 @@ def test_clipping_scales_down_only():
         torch.testing.assert_close(rows_opt.grad[1], torch.tensor([[0.0, 1.2]]) * scale, rtol=1e-5, atol=0)
 
 
+def test_clipping_norm_is_the_same_float_however_the_gradients_are_split():
+    """The norm clipped by is the same float32, bit for bit, whether the gradients come whole (one process) or in
+    pieces (FSDP2's shards, a sharded table's rows), so training does not depend on the number of processes.
+    (Mutation caught: squares summed in float32, whose rounding depends on the split: 85 of 100 such cases differ.)"""
+    def norm(grads):
+        params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        return clip_grad_norm_(params, 0.0)
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        grads = torch.randn(10_000, generator=g) * torch.rand(10_000, generator=g).pow(4) * 100  # many magnitudes
+        one = norm([grads])
+        assert one.dtype == torch.float32 and one.item() == pytest.approx(grads.double().norm().item(), rel=1e-7)
+        for pieces in (2, 3, 7):
+            assert norm(list(grads.chunk(pieces))).item() == one.item(), (seed, pieces)
+
+
 def test_host_row_fetcher_returns_each_tokens_row_through_evictions():
     """Every window the fetcher serves reads, position by position, that token's table row, while a 4-row cache
     is filled, evicts and refills (windows of up to 4 distinct tokens, so a window can need the whole cache),
