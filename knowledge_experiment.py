@@ -2,7 +2,7 @@
 How many facts does a model store and recall? STEM against SwiGLU and MoE on synthetic biographies, after the
 "Physics of Language Models" knowledge studies (Allen-Zhu and Li, parts 3.1 and 3.3), at laptop scale:
 
-    python knowledge_experiment.py                   # the whole experiment: table, JSON, figure (results: docs/knowledge.md)
+    python knowledge_experiment.py                   # all of it: table, JSON, figure (results: docs/knowledge.md)
     python knowledge_experiment.py --what=figure     # the figure again from the JSON (needs matplotlib)
     python knowledge_experiment.py --n_people=40 --ffns=stem,swiglu --seeds=1 --steps=300   # a quick probe
 
